@@ -1,0 +1,127 @@
+"""Blend (Spark): a plan for the configured target shares, joined with the documents -> ``blended``.
+
+Modes: ``clusterclip`` reuses ``sample_plan``; ``proportional`` spreads configured domain weights
+over the clusters that hold each domain; ``quality`` scales uniform shares by mean cluster quality
+to the power ``quality_alpha``; ``mixture`` takes weights per cluster from a file (JSON or YAML:
+``{cluster_id: weight}``, or ``{"weights": {...}}`` as the search stage writes it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clustermix import contracts
+from clustermix.config import BlendConfig, SampleConfig
+from clustermix.errors import ConfigError, DataError
+from clustermix.sample import ClusterSizes, allocate_docs, make_plan, members_frame, uniform_targets
+from clustermix.stats import NO_DOMAIN
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+
+def proportional_targets(sizes: ClusterSizes, weights: dict[str, float]) -> np.ndarray:
+    """Domain d's weight w_d spread over clusters in proportion to d's documents there."""
+    total_w = sum(weights.values())
+    if total_w <= 0:
+        raise ConfigError("blend.domain_weights", weights, "weights must not all be zero")
+    per_domain: dict[str, int] = {}
+    for hist in sizes.domains:
+        for d, c in hist.items():
+            per_domain[d] = per_domain.get(d, 0) + c
+    missing = [d for d in weights if d not in per_domain]
+    if len(missing) == len(weights):
+        raise DataError(f"config error: blend.domain_weights: none of {sorted(weights)} is a domain of the corpus "
+                        f"(domains: {sorted(per_domain)})")
+    t = np.zeros(len(sizes.cluster_id))
+    for i, hist in enumerate(sizes.domains):
+        for d, c in hist.items():
+            w = weights.get(d, 0.0)
+            if w and per_domain[d]:
+                t[i] += (w / total_w) * c / per_domain[d]
+    return t
+
+
+def quality_targets(sizes: ClusterSizes, alpha: float) -> np.ndarray:
+    """Uniform shares scaled by (mean cluster quality)^alpha; unknown quality counts as the mean."""
+    q = sizes.quality.copy()
+    known = np.isfinite(q)
+    if not known.any():
+        raise DataError("config error: blend.mode='quality': no document has a quality value")
+    q[~known] = np.nanmean(q)
+    q = np.clip(q, 1e-9, None)
+    return uniform_targets(sizes) * q**alpha
+
+
+def mixture_targets(sizes: ClusterSizes, path: str) -> np.ndarray:
+    """Weights per cluster from a JSON/YAML file; clusters it does not name get weight 0."""
+    import yaml
+    from pyarrow import fs as pafs
+
+    filesystem, p = pafs.FileSystem.from_uri(path if "://" in path else "file://" + _abs(path))
+    with filesystem.open_input_stream(p) as fh:
+        raw = fh.read().decode()
+    doc = json.loads(raw) if path.endswith(".json") else yaml.safe_load(raw)
+    weights = doc.get("weights", doc) if isinstance(doc, dict) else None
+    if not isinstance(weights, dict) or not weights:
+        raise ConfigError("blend.mixture_path", path, "expected a mapping of cluster_id to weight")
+    t = np.zeros(len(sizes.cluster_id))
+    index = {int(c): i for i, c in enumerate(sizes.cluster_id)}
+    for key, w in weights.items():
+        try:
+            c, w = int(key), float(w)
+        except (TypeError, ValueError):
+            raise ConfigError("blend.mixture_path", path, f"bad entry {key!r}: {w!r}") from None
+        if c not in index or w < 0:
+            raise ConfigError("blend.mixture_path", path, f"cluster {c} unknown or weight {w} negative")
+        t[index[c]] = w
+    return t
+
+
+def _abs(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path).expanduser().resolve())
+
+
+def targets_for(bcfg: BlendConfig, sizes: ClusterSizes) -> np.ndarray:
+    if bcfg.mode == "proportional":
+        return proportional_targets(sizes, bcfg.domain_weights)
+    if bcfg.mode == "quality":
+        return quality_targets(sizes, bcfg.quality_alpha)
+    if bcfg.mode == "mixture":
+        assert bcfg.mixture_path is not None
+        return mixture_targets(sizes, bcfg.mixture_path)
+    return uniform_targets(sizes)
+
+
+def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, docs: DataFrame, sample_plan: DataFrame,
+              bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any) -> dict[str, Any]:
+    """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position."""
+    sizes = ClusterSizes.from_stats(stats)
+    if bcfg.mode == "clusterclip":
+        planned, info = sample_plan, {"from": "sample_plan"}
+        draws = None
+    else:
+        draws, info = allocate_docs(sizes, targets_for(bcfg, sizes), scfg)
+        planned = make_plan(spark, members_frame(assignments, docs, scfg.within), sizes, draws, scfg, partitions)
+    out = planned.join(docs.select("id", "text", "domain", "quality", "n_tokens"), "id").select(
+        "id", "text", "cluster_id", "domain", "quality", "n_tokens", "draw", "position", "phase")
+    n_rows = sum(int(v) for v in draws) if draws is not None else None
+    n_files = max(1, -(-(n_rows or scfg.budget) // bcfg.target_rows_per_file))
+    out = out.repartitionByRange(n_files, "position").sortWithinPartitions("position")
+    write("blended", contracts.check(out, "blended"), max_records_per_file=bcfg.target_rows_per_file)
+    info["mode"] = bcfg.mode
+    return info
+
+
+def domain_mix(blended: DataFrame) -> dict[str, dict[str, int]]:
+    """Draws and tokens per domain of a written blend (D rows to the driver)."""
+    from pyspark.sql import functions as F
+
+    rows = blended.groupBy("domain").agg(F.count("*").alias("draws"), F.sum("n_tokens").alias("tokens")).collect()
+    return dict(sorted(((r["domain"] or NO_DOMAIN), {"draws": int(r["draws"]), "tokens": int(r["tokens"] or 0)})
+                       for r in rows))

@@ -1,0 +1,120 @@
+"""The ``clustermix`` command: ``run`` every stage, or one stage by name.
+
+Heavy libraries (pyspark, ray, torch, faiss) are imported only when a stage runs, so ``--help``
+is instant. Errors the user can fix print as one line with a fixed exit code (2: config/input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+STAGE_HELP = {
+    "ingest": "raw corpus -> docs, quarantine, duplicates (Spark)",
+    "embed": "docs -> embeddings (Ray Data actor pool of sentence-transformers)",
+    "cluster": "embeddings -> centroids, assignments (distributed FAISS k-means on Ray)",
+    "stats": "docs + assignments -> cluster_stats (Spark)",
+    "sample": "cluster_stats -> sample_plan (ClusterClip, Spark)",
+    "blend": "sample_plan + docs -> blended, the training mix (Spark)",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="YAML config (default: conf/local.yaml)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by its dotted path, e.g. --set cluster.k=50 (repeatable)")
+    p.add_argument("--run-id", default=None, help="run id to record (default: a new time-based id)")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the final summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clustermix",
+        description="Turn a raw, unbalanced text corpus into a balanced training mix written as Delta tables.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="run every stage (skipping those whose outputs are current)",
+                       description="Run ingest, embed, cluster, stats, sample and blend in order.")
+    _common(p)
+    for stage, text in STAGE_HELP.items():
+        p = sub.add_parser(stage, help=text, description=f"Run one stage: {text}.")
+        _common(p)
+    p = sub.add_parser("show-config", help="print the validated config as YAML")
+    _common(p)
+    return parser
+
+
+def summary_lines(manifest: dict[str, Any]) -> list[str]:
+    """The short summary printed at the end of a run."""
+    st = manifest.get("stages", {})
+    lines = [f"run {manifest['run_id']}: {manifest.get('outcome')}", f"lake: {manifest['lake_root']}"]
+    ing = st.get("ingest", {}).get("counts")
+    if ing:
+        reasons = ", ".join(f"{k}={v}" for k, v in ing["quarantined_by_reason"].items()) or "none"
+        lines.append(f"docs: read {ing['read']}, accepted {ing['accepted']}, duplicates {ing['duplicates']}, "
+                     f"quarantined {ing['quarantined']} ({reasons})")
+    cl = st.get("cluster", {}).get("counts")
+    if cl:
+        lines.append(f"clusters: k={cl['k']} over {cl['n_points']} docs, {cl['niter_run']} iterations, "
+                     f"mean cosine {cl['objective']:.4f}")
+    sa = st.get("sample", {}).get("counts")
+    if sa:
+        lines.append(f"sample: {sa['draws']} draws (budget {sa['budget']} {sa['unit']}, clip {sa['clip']}, "
+                     f"shortfall {sa['shortfall']}); share gini {sa['shares_before'].get('gini')} -> "
+                     f"{sa['shares_after'].get('gini')}")
+    for name, rec in st.items():
+        lines.append(f"  {name:<8} {rec.get('status'):<8} {rec.get('seconds', 0):>8}s  versions {rec.get('versions')}")
+    if "blended" in manifest.get("tables", {}):
+        lines.append(f"result: {manifest['lake_root']}/blended (Delta version {manifest['tables']['blended']})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from clustermix.config import load_config
+    from clustermix.errors import ClustermixError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "show-config":
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        from clustermix.pipeline import STAGES, run_stages
+
+        stages = STAGES if args.command == "run" else (args.command,)
+        try:
+            run = run_stages(cfg, stages, run_id=args.run_id)
+        finally:
+            _shutdown()
+    except ClustermixError as exc:
+        print(f"clustermix: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print("\n".join(summary_lines(run.manifest)))
+    print(f"manifest: {run.manifest_uri}")
+    return 0
+
+
+def _shutdown() -> None:
+    """Stop the engines this process started (Spark's JVM, a local Ray instance)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if "pyspark" in sys.modules:
+        from pyspark.sql import SparkSession
+
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

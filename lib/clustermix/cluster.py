@@ -1,0 +1,211 @@
+"""Cluster (Ray + FAISS): distributed spherical Lloyd k-means over embedding shards.
+
+Each :class:`ShardActor` holds one shard of ``embeddings`` for the whole fit. Per iteration the
+driver sends the centroids (k·d floats), every shard returns sums/counts/objective (k·d), and the
+driver updates: driver memory and traffic are O(k·d), never O(n). A last pass writes
+``assignments`` from the shards to a staging folder that Spark commits; ``centroids`` carries the
+fit's metadata (k, iterations run, objective per iteration, seed, model, points fitted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clustermix import contracts, kmeans
+from clustermix import lake as lk
+from clustermix.config import ClusterConfig
+from clustermix.errors import DataError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from clustermix.lake import Lake, TableWriter
+
+log = logging.getLogger(__name__)
+
+
+class ShardActor:
+    """Holds one shard (ids + unit vectors) in memory and answers the driver's k-means calls."""
+
+    def __init__(self, use_gpu: bool) -> None:
+        self.use_gpu = use_gpu
+        self.ids: np.ndarray = np.empty(0, dtype=object)
+        self.x = np.empty((0, 0), dtype=np.float32)
+        self.fit_mask: np.ndarray = np.empty(0, dtype=bool)
+
+    def load(self, it: Any) -> int:
+        """Consume this shard's stream of (id, embedding) batches."""
+        ids, parts = [], []
+        for batch in it.iter_batches(batch_format="pyarrow", batch_size=65536):
+            emb = batch.column("embedding").combine_chunks()
+            d = len(emb[0]) if len(emb) else 0
+            parts.append(np.asarray(emb.flatten(), dtype=np.float32).reshape(-1, d))
+            ids.append(np.asarray(batch.column("id").to_pylist(), dtype=object))
+        if parts:
+            self.x = np.ascontiguousarray(np.concatenate(parts))
+            self.ids = np.concatenate(ids)
+        self.fit_mask = np.ones(len(self.x), dtype=bool)
+        return len(self.x)
+
+    def choose_fit(self, fraction: float, seed: int) -> int:
+        """Keep a seeded ``fraction`` of this shard for fitting (all of it when 1.0)."""
+        if fraction < 1.0:
+            rng = np.random.default_rng(seed)
+            self.fit_mask = rng.random(len(self.x)) < fraction
+        return int(self.fit_mask.sum())
+
+    def sample(self, m: int, seed: int) -> np.ndarray:
+        pool = np.flatnonzero(self.fit_mask)
+        rng = np.random.default_rng(seed)
+        take = rng.choice(pool, size=min(m, len(pool)), replace=False) if len(pool) else pool
+        return self.x[np.sort(take)]
+
+    def step(self, centroids: np.ndarray) -> kmeans.Partial:
+        return kmeans.partial_stats(self.x[self.fit_mask], centroids, self.use_gpu)
+
+    def assign(self, centroids: np.ndarray, out_dir: str, shard: int) -> int:
+        """Write (id, cluster_id, score) for every point of the shard as one Parquet file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from pyarrow import fs as pafs
+
+        labels, scores = kmeans.assign(self.x, centroids, self.use_gpu)
+        table = pa.table({"id": pa.array(self.ids.tolist(), type=pa.string()),
+                          "cluster_id": pa.array(labels, type=pa.int32()),
+                          "score": pa.array(scores, type=pa.float32())})
+        filesystem, base = pafs.FileSystem.from_uri(out_dir if "://" in out_dir else "file://" + out_dir)
+        filesystem.create_dir(base, recursive=True)
+        pq.write_table(table, f"{base}/shard-{shard:05d}.parquet", filesystem=filesystem)
+        return len(table)
+
+
+@dataclass
+class Fit:
+    centroids: np.ndarray
+    objective: float
+    history: list[float] = field(default_factory=list)
+    reseeded: int = 0
+    seed: int = 0
+
+
+def _gpu_wanted(cfg: ClusterConfig) -> bool:
+    if cfg.use_gpu == "never":
+        return False
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.use_gpu == "always" and not gpus:
+        raise DataError("cluster.use_gpu='always' but the Ray cluster has no GPU")
+    return bool(gpus)
+
+
+def shard_cpus(cfg: ClusterConfig) -> float:
+    """CPUs per shard actor, lowered when the shards would leave no CPU for the tasks that feed them
+    (Ray Data read tasks need one while the actors wait for their data: a deadlock otherwise)."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1))
+    cps = cfg.cpus_per_shard
+    if cfg.num_shards * cps > total - 1:
+        cps = max(0.01, (total - 1) / cfg.num_shards)
+        log.warning("cluster.cpus_per_shard=%s leaves no CPU to read shards on %s CPUs; using %.2f",
+                    cfg.cpus_per_shard, total, cps)
+    return cps
+
+
+def fit(shards: list[Any], cfg: ClusterConfig, n_fit: int, seed: int) -> Fit:
+    """One Lloyd run from k-means++ seeds drawn on a sample spread over the shards."""
+    import ray
+
+    m = min(cfg.init_sample, n_fit)
+    per = [max(1, m // len(shards))] * len(shards)
+    sample = np.concatenate([x for x in ray.get([s.sample.remote(p, seed + 7919 * i)
+                                                  for i, (s, p) in enumerate(zip(shards, per))]) if len(x)])
+    centroids = kmeans.init_plusplus(sample, cfg.k, seed)
+    rng = np.random.default_rng(seed)
+    history: list[float] = []
+    reseeded = 0
+    for it in range(cfg.niter):
+        refs = [s.step.remote(centroids) for s in shards]
+        total = ray.get(refs[0])
+        for p in ray.get(refs[1:]):
+            total = total + p
+        obj = total.score_sum / max(total.n, 1)
+        history.append(obj)
+        centroids, empty = kmeans.update(total, centroids, rng)
+        reseeded += empty
+        if it and (obj - history[-2]) < cfg.tol and not empty:
+            break
+        if it % 10 == 0:
+            log.info("k-means iteration %d: objective %.6f", it, obj)
+    # the objective of the final centroids, so it matches what the assignment pass sees
+    totals = ray.get([s.step.remote(centroids) for s in shards])
+    final = sum(p.score_sum for p in totals) / max(sum(p.n for p in totals), 1)
+    history.append(final)
+    return Fit(centroids, final, history, reseeded, seed)
+
+
+def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, run_id: str,
+                write: TableWriter) -> dict[str, Any]:
+    """Fit k-means on the embeddings of ``model`` and write ``centroids`` and ``assignments``."""
+    import ray
+    from pyspark.sql import functions as F
+
+    t0 = time.time()
+    use_gpu = _gpu_wanted(cfg)
+    files = lk.file_uris(lake.table("embeddings"), emb_version)
+    if not files:
+        raise DataError("embeddings table is empty: nothing to cluster")
+    ds = ray.data.read_parquet(files, columns=["id", "embedding", "model"])
+    ds = ds.filter(expr=f"model == '{model}'")
+    cps = shard_cpus(cfg)
+    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cps)(ShardActor)
+    shards = [actor_cls.options(max_restarts=0).remote(use_gpu) for _ in range(cfg.num_shards)]
+    try:
+        iters = ds.select_columns(["id", "embedding"]).streaming_split(cfg.num_shards, equal=False)
+        sizes = ray.get([s.load.remote(it) for s, it in zip(shards, iters)])
+        n = int(sum(sizes))
+        if cfg.k > n:
+            raise DataError(f"config error: cluster.k={cfg.k}: greater than the {n} embedded documents")
+        fraction = cfg.fit_fraction
+        if cfg.fit_max_points is not None:
+            fraction = min(fraction, cfg.fit_max_points / n)
+        n_fit = int(sum(ray.get([s.choose_fit.remote(fraction, cfg.seed + i) for i, s in enumerate(shards)])))
+        if n_fit < cfg.k:
+            raise DataError(f"config error: cluster.fit_fraction={cfg.fit_fraction}: leaves {n_fit} points for k={cfg.k}")
+        best: Fit | None = None
+        for r in range(cfg.nredo):
+            f = fit(shards, cfg, n_fit, cfg.seed + 1000 * r)
+            log.info("k-means run %d/%d: objective %.6f after %d iterations", r + 1, cfg.nredo, f.objective,
+                     len(f.history) - 1)
+            if best is None or f.objective > best.objective:
+                best = f
+        assert best is not None
+        out_dir = lake.staging("assignments", run_id)
+        ray.get([s.assign.remote(best.centroids, out_dir, i) for i, s in enumerate(shards)])
+    finally:
+        for s in shards:
+            ray.kill(s)
+    fit_seconds = time.time() - t0
+    niter = len(best.history) - 1
+    meta = {"objective_history": [round(v, 6) for v in best.history], "n_points": n, "n_fitted": n_fit,
+            "fit_fraction": fraction, "reseeded": best.reseeded, "nredo": cfg.nredo, "gpu": use_gpu}
+    rows = [(i, best.centroids[i].tolist(), cfg.k, niter, best.seed, float(best.objective), model, json.dumps(meta))
+            for i in range(cfg.k)]
+    centroids = spark.createDataFrame(
+        rows, "cluster_id int, centroid array<float>, k int, niter int, seed bigint, objective double, "
+              "model string, fit_meta string")
+    write("centroids", contracts.check(centroids, "centroids"))
+    assignments = spark.read.parquet(lk.spark_path(out_dir)).select("id", F.col("cluster_id").cast("int"),
+                                                                      F.col("score").cast("float"))
+    write("assignments", contracts.check(assignments, "assignments"))
+    lake.remove(out_dir)
+    return {"k": cfg.k, "n_points": n, "n_fitted": n_fit, "fit_fraction": fraction, "niter_run": niter,
+            "objective": round(best.objective, 6), "reseeded": best.reseeded, "gpu": use_gpu,
+            "seconds": round(fit_seconds, 2)}

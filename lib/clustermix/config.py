@@ -1,0 +1,241 @@
+"""The one typed, frozen config object, built from YAML plus ``--set key=value`` overrides.
+
+Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the dotted key,
+before any stage runs. YAML is read with ``yaml.safe_load`` only: no object construction.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from clustermix.errors import ConfigError
+
+BUILTIN_PREFIX = "builtin://"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "local.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LakeConfig(_Section):
+    root: str = "./lake"
+    lock_stale_seconds: int = Field(3600, ge=1)
+
+
+class SparkConfig(_Section):
+    master: str | None = "local[2]"  # None: use what spark-submit provides
+    app_name: str = "clustermix"
+    shuffle_partitions: int = Field(4, ge=1)
+    driver_memory: str = "4g"
+    # "local-m2": resolve the Delta jars offline from the local Maven repository filled by setup;
+    # "packages": let Spark's resolver fetch them (cluster images that bake jars use "none").
+    delta_jars: Literal["local-m2", "packages", "none"] = "local-m2"
+    maven_repo: str | None = None  # default ~/.m2/repository
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: start a local instance; "auto" or ray://... on a cluster
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_memory_mb: int | None = Field(None, ge=64)
+
+
+class InputConfig(_Section):
+    path: str = BUILTIN_PREFIX + "bbc-unbalanced"
+    format: Literal["jsonl", "parquet", "delta"] = "jsonl"
+    id_field: str = "id"
+    text_field: str = "text"
+    domain_field: str | None = "domain"
+    quality_field: str | None = "quality"
+    lang_field: str | None = "lang"
+
+
+class IngestConfig(_Section):
+    max_chars: int = Field(1_000_000, ge=1)
+    chars_per_token: float = Field(4.0, gt=0)
+
+
+class EmbedConfig(_Section):
+    model: str = "all-MiniLM-L6-v2"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)
+    max_seq_length: int | None = Field(None, ge=8)
+    long_docs: Literal["truncate", "chunk"] = "truncate"
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class ClusterConfig(_Section):
+    k: int = Field(100, ge=1)
+    niter: int = Field(300, ge=1)
+    seed: int = 42
+    tol: float = Field(1e-6, ge=0)
+    nredo: int = Field(1, ge=1)
+    num_shards: int = Field(2, ge=1)
+    fit_fraction: float = Field(1.0, gt=0, le=1)
+    fit_max_points: int | None = Field(None, ge=1)
+    init_sample: int = Field(100_000, ge=1)
+    cpus_per_shard: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+
+
+class StatsConfig(_Section):
+    min_share: float = Field(0.007, ge=0, le=1)
+    n_exemplars: int = Field(3, ge=0)
+
+
+class SampleConfig(_Section):
+    budget: int = Field(..., gt=0)
+    unit: Literal["docs", "tokens"] = "docs"
+    clip: int = Field(4, ge=1)
+    seed: int = 1234
+    within: Literal["uniform", "quality"] = "uniform"
+    order: Literal["random", "stratified", "g2s", "s2g"] = "stratified"
+
+
+class BlendConfig(_Section):
+    mode: Literal["clusterclip", "proportional", "quality", "mixture"] = "clusterclip"
+    domain_weights: dict[str, float] = Field(default_factory=dict)
+    quality_alpha: float = Field(1.0, ge=0)
+    mixture_path: str | None = None
+    target_rows_per_file: int = Field(250_000, ge=1)
+
+    @field_validator("domain_weights")
+    @classmethod
+    def _weights_positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, w in v.items():
+            if w < 0:
+                raise ValueError(f"weight of domain {name!r} must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> BlendConfig:
+        if self.mode == "proportional" and not self.domain_weights:
+            raise ValueError("mode 'proportional' needs blend.domain_weights")
+        return self
+
+
+class Config(_Section):
+    lake: LakeConfig = LakeConfig()
+    spark: SparkConfig = SparkConfig()
+    ray: RayConfig = RayConfig()
+    input: InputConfig = InputConfig()
+    ingest: IngestConfig = IngestConfig()
+    embed: EmbedConfig = EmbedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    stats: StatsConfig = StatsConfig()
+    sample: SampleConfig
+    blend: BlendConfig = BlendConfig()
+
+    def section_hash(self, *names: str) -> str:
+        """A stable hash of some sections, used to tell whether a stage's output is current."""
+        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(key, value, f"{part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``key=value``; the value is read as a YAML scalar/flow value (safe loader)."""
+    if "=" not in item:
+        raise ConfigError(item, None, "an override must look like key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(item, raw, "empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _first_error(err: ValidationError, tree: dict[str, Any]) -> ConfigError:
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    key = ".".join(loc) if loc else "<root>"
+    value: Any = tree
+    for part in loc:
+        value = value.get(part) if isinstance(value, dict) else None
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    return ConfigError(key, value, msg.removeprefix("Value error, "))
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Validate a raw mapping into a :class:`Config`, raising one :class:`ConfigError`."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise _first_error(err, tree) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (default ``conf/local.yaml``), apply ``key=value`` overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError("--config", str(path), "file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", str(path), f"not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(tree, dict):
+        raise ConfigError("--config", str(path), "the top level must be a mapping")
+    tree = copy.deepcopy(tree)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    cfg = build_config(tree)
+    check_paths(cfg)
+    return cfg
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def check_paths(cfg: Config) -> None:
+    """Fail early on local paths that cannot work (remote ones are checked by the stage)."""
+    p = cfg.input.path
+    if p.startswith(BUILTIN_PREFIX):
+        from clustermix.corpus import BUILTIN_CORPORA
+
+        name = p[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_CORPORA:
+            raise ConfigError("input.path", p, f"unknown builtin corpus; known: {sorted(BUILTIN_CORPORA)}")
+    elif not _is_remote(p) and not Path(p.removeprefix("file://")).exists():
+        raise ConfigError("input.path", p, "path does not exist")
+    mp = cfg.blend.mixture_path
+    if cfg.blend.mode == "mixture" and mp is None:
+        raise ConfigError("blend.mixture_path", mp, "mode 'mixture' needs a mixture file")
+    if mp is not None and not _is_remote(mp) and not Path(mp).exists():
+        raise ConfigError("blend.mixture_path", mp, "path does not exist")
+    from clustermix.models import resolve_model
+
+    resolve_model(cfg.embed.model)

@@ -1,0 +1,289 @@
+"""Ingest (Spark): raw corpus -> ``docs``, ``quarantine``, ``duplicates``.
+
+Every record read ends in exactly one place: ``docs`` (accepted), ``duplicates`` (the same text
+as an accepted document, under any id), or ``quarantine`` with a machine-readable reason.
+JSON lines are parsed with Spark's VARIANT functions, so no Python runs per record.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from clustermix import contracts
+from clustermix.config import BUILTIN_PREFIX, Config, InputConfig
+from clustermix.errors import AccountingError, InputError
+from clustermix.lake import is_hidden
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+    from clustermix.lake import Lake, TableWriter
+
+log = logging.getLogger(__name__)
+
+# Quarantine reasons, in the order they are tested: the first that applies is recorded.
+REASONS = (
+    "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string", "blank_text",
+    "nul_in_text", "too_long", "bad_id", "quality_not_a_number", "duplicate_id",
+)
+_NUMERIC = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL.*)$"
+_INTEGRAL = r"^(TINYINT|SMALLINT|INT|BIGINT|DECIMAL\(\d+,0\))$"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where the raw corpus is, resolved (builtin corpora materialised), with its listing."""
+
+    path: str
+    format: str
+    listing: dict[str, Any]
+
+
+def resolve_input(cfg: Config, lake_root: str) -> InputSpec:
+    """Resolve ``input.path`` and list its files (their sizes and times make the fingerprint)."""
+    from pyarrow import fs as pafs
+
+    path, fmt = cfg.input.path, cfg.input.format
+    if path.startswith(BUILTIN_PREFIX):
+        from clustermix.corpus import materialize
+
+        path, fmt = materialize(path[len(BUILTIN_PREFIX) :], lake_root), "jsonl"
+    if fmt == "delta":
+        from clustermix.lake import version
+
+        v = version(path)
+        if v is None:
+            raise InputError(f"input.path {path!r} is not a Delta table")
+        return InputSpec(path, fmt, {"delta_version": v})
+    try:
+        filesystem, base = pafs.FileSystem.from_uri(path if "://" in path else _abs(path))
+        info = filesystem.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input.path {path!r} does not exist")
+        infos = [info] if info.type == pafs.FileType.File else filesystem.get_file_info(
+            pafs.FileSelector(base, recursive=True))
+    except OSError as exc:
+        raise InputError(f"input.path {path!r} cannot be listed: {exc}") from None
+    files = {i.path: [i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File and not is_hidden(i.path)}
+    if not files:
+        raise InputError(f"input.path {path!r} holds no files")
+    return InputSpec(path, fmt, {"files": files})
+
+
+def _abs(path: str) -> str:
+    from pathlib import Path
+
+    return str(Path(path.removeprefix("file://")).expanduser().resolve())
+
+
+def _vpath(field: str) -> str:
+    return f"$['{field}']"
+
+
+def _lines(spark: SparkSession, spec: InputSpec) -> DataFrame:
+    """JSON lines as normalised candidate records (one row per non-blank line)."""
+    from pyspark.sql import functions as F
+
+    raw = (
+        spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "[!._]*")
+        .text(spec.path)
+        .select(
+            F.col("value"),
+            F.col("_metadata.file_path").alias("source_file"),
+            F.col("_metadata.file_block_start").alias("_block"),
+            F.monotonically_increasing_id().alias("_row"),
+        )
+    )
+    valid = F.expr("is_valid_utf8(value)")
+    line = F.when(valid, F.regexp_replace(F.regexp_replace("value", "^\uFEFF", ""), "\r$", ""))
+    return raw.select(
+        valid.alias("_utf8"),
+        line.alias("_line"),
+        F.when(valid, line).otherwise(F.expr("make_valid_utf8(value)")).alias("raw"),
+        "source_file", "_block", "_row",
+    ).where(~(F.col("_utf8") & F.col("_line").rlike(r"(?U)^\s*$")))
+
+
+def _from_json(df: DataFrame, icfg: InputConfig) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    v = F.expr("try_parse_json(_line)")
+    df = df.withColumn("_v", v)
+
+    def kind(field: str | None) -> Column:
+        if field is None:
+            return F.lit(None).cast("string")
+        return F.expr(f"schema_of_variant(variant_get(_v, \"{_vpath(field)}\"))")
+
+    def get(field: str | None, typ: str) -> Column:
+        if field is None:
+            return F.lit(None).cast(typ)
+        return F.expr(f"try_variant_get(_v, \"{_vpath(field)}\", '{typ}')")
+
+    return df.select(
+        "raw", "source_file", "_block", "_row", "_utf8",
+        F.col("_v").isNotNull().alias("_parsed"),
+        F.expr("schema_of_variant(_v)").startswith("OBJECT").alias("_object"),
+        kind(icfg.id_field).alias("_id_kind"), get(icfg.id_field, "string").alias("_id"),
+        kind(icfg.text_field).alias("_text_kind"), get(icfg.text_field, "string").alias("_text"),
+        kind(icfg.quality_field).alias("_q_kind"), get(icfg.quality_field, "double").alias("_q"),
+        get(icfg.domain_field, "string").alias("domain"), get(icfg.lang_field, "string").alias("lang"),
+    )
+
+
+def _columnar(spark: SparkSession, spec: InputSpec, icfg: InputConfig) -> DataFrame:
+    """Parquet or Delta rows as the same normalised candidate records."""
+    from pyspark.sql import functions as F
+
+    reader = spark.read.format(spec.format)
+    if spec.format == "parquet":
+        reader = reader.option("recursiveFileLookup", "true").option("pathGlobFilter", "[!._]*")
+    df = reader.load(spec.path)
+    names = set(df.columns)
+    if icfg.text_field not in names:
+        raise InputError(
+            f"{_first_file(spec)}: column {icfg.text_field!r} (input.text_field) not found; columns: {sorted(names)}")
+    types = {f.name: f.dataType.simpleString() for f in df.schema.fields}
+
+    def kind(field: str | None) -> Column:
+        if field is None or field not in names:
+            return F.lit(None).cast("string")
+        t = types[field].upper()
+        return F.when(F.col(field).isNull(), F.lit("VOID")).otherwise(F.lit("STRING" if t == "STRING" else t))
+
+    def get(field: str | None, typ: str) -> Column:
+        if field is None or field not in names:
+            return F.lit(None).cast(typ)
+        return F.expr(f"try_cast(`{field}` AS {typ})")
+
+    text_col = F.col(icfg.text_field)
+    if types[icfg.text_field] == "binary":
+        text_kind = F.when(text_col.isNull(), "VOID").otherwise("STRING")
+        utf8 = F.coalesce(F.expr(f"is_valid_utf8(cast(`{icfg.text_field}` AS string))"), F.lit(True))
+    else:
+        text_kind, utf8 = kind(icfg.text_field), F.lit(True)
+    return df.select(
+        F.expr("make_valid_utf8(to_json(struct(*)))").alias("raw"),
+        F.col("_metadata.file_path").alias("source_file"),
+        F.col("_metadata.file_block_start").alias("_block"),
+        F.monotonically_increasing_id().alias("_row"),
+        utf8.alias("_utf8"), F.lit(True).alias("_parsed"), F.lit(True).alias("_object"),
+        kind(icfg.id_field).alias("_id_kind"), get(icfg.id_field, "string").alias("_id"),
+        text_kind.alias("_text_kind"), get(icfg.text_field, "string").alias("_text"),
+        kind(icfg.quality_field).alias("_q_kind"), get(icfg.quality_field, "double").alias("_q"),
+        get(icfg.domain_field, "string").alias("domain"), get(icfg.lang_field, "string").alias("lang"),
+    )
+
+
+def _first_file(spec: InputSpec) -> str:
+    files = sorted(spec.listing.get("files", {}))
+    return files[0] if files else spec.path
+
+
+def classify(df: DataFrame, max_chars: int, chars_per_token: float) -> DataFrame:
+    """Give every candidate record an ``outcome`` (accepted/duplicate/quarantined) and a reason."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    text = F.col("_text")
+    qk, ik = F.col("_q_kind"), F.col("_id_kind")
+    reason = (
+        F.when(~F.col("_utf8"), "invalid_utf8")
+        .when(~F.col("_parsed"), "malformed_json")
+        .when(~F.col("_object"), "not_an_object")
+        .when(F.col("_text_kind").isNull() | (F.col("_text_kind") == "VOID"), "missing_text")
+        .when(F.col("_text_kind") != "STRING", "text_not_string")
+        .when(text.rlike(r"(?U)^\s*$"), "blank_text")
+        .when(F.instr(text, "\u0000") > 0, "nul_in_text")
+        .when(F.char_length(text) > max_chars, "too_long")
+        .when(ik.isNotNull() & (ik != "VOID") & ~((ik == "STRING") | ik.rlike(_INTEGRAL)), "bad_id")
+        .when((ik == "STRING") & F.col("_id").rlike(r"(?U)^\s*$"), "bad_id")
+        .when(qk.isNotNull() & (qk != "VOID") & ~qk.rlike(_NUMERIC), "quality_not_a_number")
+    )
+    text_hash = F.sha2(text, 256)
+    df = df.withColumn("reason", reason).withColumn("text_hash", F.when(reason.isNull(), text_hash))
+    df = df.withColumn("id", F.when(F.col("reason").isNull(),
+                                    F.coalesce(F.col("_id"), F.substring("text_hash", 1, 24))))
+    order = ["source_file", "_block", "_row"]
+    valid = F.col("reason").isNull()
+    # An id's first record wins; a later one with the same text is a duplicate, other text is quarantined.
+    w_id = Window.partitionBy("id").orderBy(*order)
+    df = df.withColumn("_id_rn", F.when(valid, F.row_number().over(w_id))) \
+           .withColumn("_id_first_hash", F.when(valid, F.first("text_hash").over(w_id))) \
+           .withColumn("_id_first", F.when(valid, F.first("id").over(w_id)))
+    id_clash = valid & (F.col("_id_rn") > 1) & (F.col("text_hash") != F.col("_id_first_hash"))
+    id_dup = valid & (F.col("_id_rn") > 1) & (F.col("text_hash") == F.col("_id_first_hash"))
+    df = df.withColumn("reason", F.when(id_clash, F.lit("duplicate_id")).otherwise(F.col("reason")))
+    survivor = F.col("reason").isNull() & ~id_dup
+    w_hash = Window.partitionBy("text_hash").orderBy(*order)
+    df = df.withColumn("_survivor", survivor) \
+           .withColumn("_h_rn", F.when(survivor, F.row_number().over(w_hash))) \
+           .withColumn("_h_first", F.when(survivor, F.first("id").over(w_hash)))
+    outcome = (
+        F.when(F.col("reason").isNotNull(), "quarantined")
+        .when(id_dup | (F.col("_h_rn") > 1), "duplicate")
+        .otherwise("accepted")
+    )
+    return df.withColumn("outcome", outcome).withColumn(
+        "duplicate_of", F.when(id_dup, F.col("_id_first")).when(F.col("_h_rn") > 1, F.col("_h_first"))
+    ).withColumn("n_chars", F.char_length(text).cast("bigint")).withColumn(
+        "n_tokens", F.ceil(F.char_length(text) / F.lit(chars_per_token)).cast("bigint"))
+
+
+def candidates(spark: SparkSession, spec: InputSpec, icfg: InputConfig) -> DataFrame:
+    """Read the raw corpus as normalised candidate records, whatever its format."""
+    if spec.format == "jsonl":
+        return _from_json(_lines(spark, spec), icfg)
+    return _columnar(spark, spec, icfg)
+
+
+def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, write: TableWriter) -> dict[str, Any]:
+    """Classify every record, write the three tables through ``write(name, df)``, prove the accounting."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    df = classify(candidates(spark, spec, cfg.input), cfg.ingest.max_chars, cfg.ingest.chars_per_token)
+    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
+        run = F.lit(run_id)
+        docs = df.where(F.col("outcome") == "accepted").select(
+            "id", F.col("_text").alias("text"), "domain", F.col("_q").alias("quality"), "lang", "n_chars",
+            "n_tokens", "text_hash", "source_file", F.current_timestamp().alias("ingested_at"), run.alias("run_id"))
+        quarantine = df.where(F.col("outcome") == "quarantined").select(
+            "raw", "reason", "source_file", run.alias("run_id"))
+        duplicates = df.where(F.col("outcome") == "duplicate").select(
+            "id", "duplicate_of", "source_file", run.alias("run_id"))
+        versions = {
+            "docs": write("docs", contracts.check(docs, "docs")),
+            "quarantine": write("quarantine", contracts.check(quarantine, "quarantine")),
+            "duplicates": write("duplicates", contracts.check(duplicates, "duplicates")),
+        }
+    finally:
+        df.unpersist()
+    by_outcome = {o: sum(c for (oo, _), c in counts.items() if oo == o) for o in ("accepted", "duplicate", "quarantined")}
+    reasons = {r: c for (o, r), c in sorted(counts.items(), key=lambda kv: str(kv[0])) if o == "quarantined"}
+    result = {
+        "read": sum(counts.values()),
+        "accepted": by_outcome["accepted"],
+        "duplicates": by_outcome["duplicate"],
+        "quarantined": by_outcome["quarantined"],
+        "quarantined_by_reason": reasons,
+        "versions": versions,
+    }
+    verify_accounting(result, write.lake)
+    return result
+
+
+def verify_accounting(result: dict[str, Any], lake: Lake) -> None:
+    """Check, against the committed tables, that read = accepted + duplicates + quarantined."""
+    from clustermix.lake import num_records
+
+    written = {n: num_records(lake.table(n)) for n in ("docs", "duplicates", "quarantine")}
+    total = written["docs"] + written["duplicates"] + written["quarantine"]
+    if total != result["read"] or written["docs"] != result["accepted"]:
+        raise AccountingError(
+            f"ingest lost records: read {result['read']} but tables hold docs={written['docs']} "
+            f"duplicates={written['duplicates']} quarantine={written['quarantine']}")

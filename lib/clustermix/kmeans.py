@@ -1,0 +1,98 @@
+"""Spherical k-means math, apart from any engine: assignment with FAISS, sums, the update.
+
+The distributed fit (``cluster.py``) calls :func:`partial_stats` on every shard and
+:func:`update` on the reduced sums, so the math is tested here on tiny arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def make_index(centroids: np.ndarray, use_gpu: bool = False):  # noqa: ANN201 - faiss types
+    """An inner-product index over the centroids (a GPU index when asked and available)."""
+    import faiss
+
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    index = faiss.IndexFlatIP(c.shape[1])
+    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(c)
+    return index
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine (inner product of unit vectors): labels int32, scores float32."""
+    index = make_index(centroids, use_gpu)
+    labels = np.empty(len(x), dtype=np.int32)
+    scores = np.empty(len(x), dtype=np.float32)
+    for s in range(0, len(x), chunk):
+        d, i = index.search(np.ascontiguousarray(x[s : s + chunk], dtype=np.float32), 1)
+        labels[s : s + chunk], scores[s : s + chunk] = i[:, 0], d[:, 0]
+    return labels, scores
+
+
+@dataclass
+class Partial:
+    """One shard's contribution to a Lloyd step: O(k·d), whatever the shard's size."""
+
+    sums: np.ndarray  # (k, d) float64
+    counts: np.ndarray  # (k,) int64
+    score_sum: float
+    n: int
+
+    def __add__(self, other: Partial) -> Partial:
+        return Partial(self.sums + other.sums, self.counts + other.counts, self.score_sum + other.score_sum,
+                       self.n + other.n)
+
+
+def partial_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> Partial:
+    """Assign ``x`` to ``centroids`` and return per-cluster sums, counts and the summed cosine."""
+    from scipy.sparse import csr_matrix
+
+    k, d = centroids.shape
+    if len(x) == 0:
+        return Partial(np.zeros((k, d)), np.zeros(k, dtype=np.int64), 0.0, 0)
+    labels, scores = assign(x, centroids, use_gpu)
+    onehot = csr_matrix((np.ones(len(x), dtype=np.float64), (labels, np.arange(len(x)))), shape=(k, len(x)))
+    sums = np.asarray(onehot @ x.astype(np.float64))
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    return Partial(sums, counts, float(scores.astype(np.float64).sum()), len(x))
+
+
+def update(total: Partial, old: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """New unit centroids from reduced sums. An empty cluster re-seeds by splitting the largest
+    (its centroid is nudged two ways), as FAISS does. Returns (centroids, number re-seeded)."""
+    new = old.astype(np.float64).copy()
+    nonempty = total.counts > 0
+    new[nonempty] = total.sums[nonempty]
+    new = normalize(new).astype(np.float64)
+    empty = np.flatnonzero(~nonempty)
+    counts = total.counts.astype(np.float64).copy()
+    for e in empty:
+        big = int(np.argmax(counts))
+        noise = rng.standard_normal(new.shape[1]) * 1e-3
+        new[e] = new[big] + noise
+        new[big] = new[big] - noise
+        counts[e] = counts[big] / 2
+        counts[big] = counts[big] / 2
+    return normalize(new), len(empty)
+
+
+def init_plusplus(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means++ seeds (scikit-learn's implementation) on a sample, as unit vectors."""
+    from sklearn.cluster import kmeans_plusplus
+
+    if len(sample) < k:
+        raise ValueError(f"cannot seed {k} centroids from {len(sample)} points")
+    centers, _ = kmeans_plusplus(np.asarray(sample, dtype=np.float32), n_clusters=k, random_state=seed)
+    return normalize(centers)

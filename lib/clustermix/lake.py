@@ -1,0 +1,257 @@
+"""The lake: table locations, Delta writes with commit metadata, versions, staging, and skipping.
+
+Every stage writes its outputs as Delta transactions whose commit metadata (``userMetadata``)
+carries the run id, the stage and a fingerprint of its inputs and config. A stage whose outputs
+all carry the fingerprint it would write again is complete and is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+
+class Lake:
+    """Paths under one lake root (a local folder or an object-store URI)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/") if "://" in root else str(Path(root).expanduser().resolve())
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root or self.root.startswith("file://")
+
+    def table(self, name: str) -> str:
+        """URI of table ``name`` as delta-rs and pyarrow spell it."""
+        return f"{self.root}/{name}"
+
+    def spark_uri(self, name: str) -> str:
+        """URI of table ``name`` as Spark's Hadoop filesystems spell it (s3:// -> s3a://)."""
+        return spark_path(self.table(name))
+
+    def staging(self, name: str, run_id: str) -> str:
+        """A fresh folder for files a Ray stage writes before Spark commits them."""
+        return f"{self.root}/_staging/{name}/{run_id}-{uuid.uuid4().hex[:8]}"
+
+    def run_dir(self, run_id: str) -> str:
+        return f"{self.root}/runs/{run_id}"
+
+    def remove(self, uri: str) -> None:
+        """Remove a staging folder (best effort: a leftover is harmless and never read)."""
+        if self.is_local:
+            shutil.rmtree(uri, ignore_errors=True)
+        else:
+            from pyarrow import fs as pafs
+
+            filesystem, path = pafs.FileSystem.from_uri(uri)
+            try:
+                filesystem.delete_dir(path)
+            except OSError:
+                pass
+
+
+def spark_path(uri: str) -> str:
+    """The same location as Spark's Hadoop filesystems spell it (s3:// -> s3a://)."""
+    return "s3a://" + uri[len("s3://") :] if uri.startswith("s3://") else uri
+
+
+def list_parquet(uri: str) -> list[str]:
+    """Non-empty Parquet files under a folder (a staging folder written by Ray or Spark)."""
+    from pyarrow import fs as pafs
+
+    filesystem, base = pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + uri)
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    prefix = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return sorted(prefix + i.path for i in infos if i.path.endswith(".parquet") and i.size and not is_hidden(i.path))
+
+
+def is_hidden(path: str) -> bool:
+    """Files Spark and Delta treat as not data (``_delta_log``, ``.crc``, ``_SUCCESS``)."""
+    return path.rsplit("/", 1)[-1].startswith((".", "_"))
+
+
+def fingerprint(stage: str, config_hash: str, inputs: dict[str, Any]) -> str:
+    """What makes a stage's output what it is: its config and the versions of what it read."""
+    payload = json.dumps({"stage": stage, "config": config_hash, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def version(uri: str) -> int | None:
+    """Latest committed version of the Delta table at ``uri``, or None when there is none."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(uri):
+        return None
+    return DeltaTable(uri).version()
+
+
+def last_commit_meta(uri: str) -> dict[str, Any] | None:
+    """The clustermix metadata of the latest commit of ``uri`` (None if absent or foreign)."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(uri):
+        return None
+    hist = DeltaTable(uri).history(1)
+    if not hist:
+        return None
+    raw = hist[0].get("userMetadata")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_current(uris: list[str], fp: str) -> bool:
+    """True when every output's latest commit was written for fingerprint ``fp``."""
+    for uri in uris:
+        meta = last_commit_meta(uri)
+        if meta is None or meta.get("fingerprint") != fp:
+            return False
+    return True
+
+
+def write(df: DataFrame, lake: Lake, name: str, meta: dict[str, Any], *, partition_by: list[str] | None = None,
+          max_records_per_file: int | None = None) -> int:
+    """Overwrite table ``name`` with ``df`` in one Delta transaction; return the new version."""
+    writer = (
+        df.write.format("delta")
+        .mode("overwrite")
+        .option("overwriteSchema", "true")
+        .option("userMetadata", json.dumps(meta, sort_keys=True))
+    )
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    if max_records_per_file:
+        writer = writer.option("maxRecordsPerFile", str(max_records_per_file))
+    writer.save(lake.spark_uri(name))
+    v = version(lake.table(name))
+    assert v is not None
+    return v
+
+
+def read(spark: SparkSession, lake: Lake, name: str, at_version: int | None = None) -> DataFrame:
+    """Read table ``name`` (at a pinned version when given) with Spark."""
+    reader = spark.read.format("delta")
+    if at_version is not None:
+        reader = reader.option("versionAsOf", str(at_version))
+    return reader.load(lake.spark_uri(name))
+
+
+def num_records(uri: str) -> int:
+    """Row count of the latest version from the Delta log alone (no data scan)."""
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(uri)
+    actions = dt.get_add_actions(flatten=True)
+    if actions.num_rows == 0:
+        return 0
+    if "num_records" in actions.schema.names:
+        counts = actions.column("num_records").to_pylist()
+        if all(v is not None for v in counts):
+            return int(sum(counts))
+    return dt.to_pyarrow_dataset().count_rows()  # files written without statistics
+
+
+def file_uris(uri: str, at_version: int | None = None) -> list[str]:
+    """The Parquet files of one version of a table, for engines that read files (Ray, pyarrow)."""
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(uri, version=at_version) if at_version is not None else DeltaTable(uri)
+    return dt.file_uris()
+
+
+class LakeLock:
+    """One run at a time per local lake; a lock older than ``stale_seconds`` or whose process
+    is gone is taken over. Object-store lakes rely on Delta's optimistic concurrency instead."""
+
+    def __init__(self, lake: Lake, run_id: str, stale_seconds: int) -> None:
+        self.path = Path(lake.root) / "_lock.json"
+        self.run_id, self.stale_seconds, self.enabled = run_id, stale_seconds, lake.is_local
+
+    def _stale(self, info: dict[str, Any]) -> bool:
+        import socket
+        import time
+
+        if time.time() - float(info.get("time", 0)) > self.stale_seconds:
+            return True
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info.get("pid", -1)), 0)
+            except (OSError, ValueError):
+                return True
+        return False
+
+    def acquire(self) -> None:
+        import socket
+        import time
+
+        from clustermix.errors import LakeBusyError
+
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    info = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    info = {}
+                if self._stale(info):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise LakeBusyError(
+                    f"lake {self.path.parent} is in use by run {info.get('run_id')} (pid {info.get('pid')} on "
+                    f"{info.get('host')}); wait for it, or remove {self.path} if that run is dead"
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(body)
+            return
+        raise LakeBusyError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.enabled:
+            try:
+                if json.loads(self.path.read_text()).get("run_id") == self.run_id:
+                    self.path.unlink()
+            except (OSError, ValueError):
+                pass
+
+
+class TableWriter:
+    """Writes a stage's tables with the stage's commit metadata; remembers the versions written."""
+
+    def __init__(self, lake: Lake, meta: dict[str, Any]) -> None:
+        self.lake, self.meta = lake, meta
+        self.versions: dict[str, int] = {}
+
+    def __call__(self, name: str, df: DataFrame, **kwargs: Any) -> int:
+        v = write(df, self.lake, name, self.meta, **kwargs)
+        self.versions[name] = v
+        return v
+
+    def merge_commit(self, spark: SparkSession, name: str, action: Any) -> int:
+        """Run ``action()`` (a Delta MERGE/DELETE on table ``name``) with this stage's commit metadata."""
+        key = "spark.databricks.delta.commitInfo.userMetadata"
+        spark.conf.set(key, json.dumps(self.meta, sort_keys=True))
+        try:
+            action()
+        finally:
+            spark.conf.unset(key)
+        v = version(self.lake.table(name))
+        assert v is not None
+        self.versions[name] = v
+        return v

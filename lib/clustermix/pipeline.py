@@ -1,0 +1,276 @@
+"""Runs stages in order over one lake, skipping those whose outputs are current, and keeps the manifest.
+
+Each stage is one function of (run, writer) that reads its input tables at pinned versions and
+writes its outputs through the writer. What decides whether a stage must run is its fingerprint:
+its config section(s) and the Delta versions of its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Callable
+
+from clustermix import __version__
+from clustermix import lake as lk
+from clustermix.config import Config
+from clustermix.errors import DataError
+from clustermix.manifest import write_json
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from clustermix.ingest import InputSpec
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "embed", "cluster", "stats", "sample", "blend")
+OUTPUTS = {
+    "ingest": ("docs", "quarantine", "duplicates"),
+    "embed": ("embeddings",),
+    "cluster": ("centroids", "assignments"),
+    "stats": ("cluster_stats",),
+    "sample": ("sample_plan",),
+    "blend": ("blended",),
+}
+INPUTS = {
+    "ingest": (),
+    "embed": ("docs",),
+    "cluster": ("embeddings",),
+    "stats": ("docs", "assignments", "centroids"),
+    "sample": ("cluster_stats", "assignments", "docs"),
+    "blend": ("sample_plan", "cluster_stats", "assignments", "docs"),
+}
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+class Run:
+    """One invocation: config, lake, lazily created engines, and the manifest being written."""
+
+    def __init__(self, cfg: Config, run_id: str | None = None, spark: SparkSession | None = None) -> None:
+        self.cfg = cfg
+        self.lake = lk.Lake(cfg.lake.root)
+        self.run_id = run_id or new_run_id()
+        self._spark = spark
+        self.input_spec: InputSpec | None = None
+        self.manifest: dict[str, Any] = {
+            "run_id": self.run_id, "clustermix_version": __version__, "started_at": _now(),
+            "lake_root": self.lake.root, "config": cfg.to_dict(), "stages": {}, "outcome": "running",
+        }
+
+    @property
+    def spark(self) -> SparkSession:
+        if self._spark is None:
+            from clustermix.runtime import spark_session
+
+            self._spark = spark_session(self.cfg)
+        return self._spark
+
+    def ray(self) -> None:
+        from clustermix.runtime import ray_init
+
+        ray_init(self.cfg)
+
+    @property
+    def manifest_uri(self) -> str:
+        return f"{self.lake.run_dir(self.run_id)}/manifest.json"
+
+    def save(self) -> None:
+        write_json(self.manifest_uri, self.manifest)
+
+    def input_versions(self, stage: str) -> dict[str, int]:
+        out = {}
+        for t in INPUTS[stage]:
+            v = lk.version(self.lake.table(t))
+            if v is None:
+                raise DataError(f"stage {stage!r} needs table {t!r}, which does not exist yet: run "
+                                f"`clustermix {_producer(t)}` (or `clustermix run`) first")
+            out[t] = v
+        return out
+
+    def run_stage(self, stage: str, fn: Callable[[Run, lk.TableWriter, dict[str, Any]], dict[str, Any]],
+                  extra_inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Run ``stage`` unless its outputs are current; record what happened in the manifest."""
+        inputs: dict[str, Any] = dict(self.input_versions(stage))
+        inputs.update(extra_inputs or {})
+        fp = lk.fingerprint(stage, config_hash(self.cfg, stage), inputs)
+        outs = [self.lake.table(t) for t in OUTPUTS[stage]]
+        if lk.is_current(outs, fp):
+            rec = {"status": "skipped", "reason": "outputs current for these inputs and config",
+                   "versions": {t: lk.version(self.lake.table(t)) for t in OUTPUTS[stage]}, "inputs": inputs}
+            prev = lk.last_commit_meta(outs[0]) or {}
+            rec["written_by_run"] = prev.get("run_id")
+            self.manifest["stages"][stage] = rec
+            self.save()
+            log.info("%s: skipped (outputs current)", stage)
+            return rec
+        meta = {"run_id": self.run_id, "stage": stage, "fingerprint": fp, "inputs": inputs,
+                "config_hash": config_hash(self.cfg, stage), "clustermix_version": __version__}
+        writer = lk.TableWriter(self.lake, meta)
+        self.manifest["stages"][stage] = {"status": "running", "started_at": _now()}
+        self.save()
+        log.info("%s: running", stage)
+        t0 = time.time()
+        counts = fn(self, writer, inputs)
+        if self._spark is not None:
+            self._spark.catalog.clearCache()
+        rec = {"status": "ran", "seconds": round(time.time() - t0, 2), "counts": counts,
+               "versions": writer.versions, "inputs": inputs}
+        self.manifest["stages"][stage] = rec
+        self.save()
+        return rec
+
+
+def config_hash(cfg: Config, stage: str) -> str:
+    """Hash of the config that shapes ``stage``'s output (not resource knobs like batch sizes)."""
+    if stage == "ingest":
+        return cfg.section_hash("input", "ingest")
+    if stage == "embed":
+        e = cfg.embed
+        keys = {"model": e.model, "max_seq_length": e.max_seq_length, "long_docs": e.long_docs,
+                "precision": e.precision}
+        return hashlib.sha256(repr(sorted(keys.items())).encode()).hexdigest()[:16]
+    if stage == "cluster":
+        return cfg.section_hash("cluster") + _model_hash(cfg)
+    if stage == "stats":
+        return cfg.section_hash("stats")
+    if stage == "sample":
+        return cfg.section_hash("sample")
+    return cfg.section_hash("blend", "sample")
+
+
+def _model_hash(cfg: Config) -> str:
+    from clustermix.models import model_id
+
+    return hashlib.sha256(model_id(cfg.embed.model).encode()).hexdigest()[:8]
+
+
+def _producer(table: str) -> str:
+    return next(s for s, outs in OUTPUTS.items() if table in outs)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the stages -------------------------------------------------------------------------------
+
+
+def _ingest(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str, Any]:
+    from clustermix.ingest import run_ingest
+
+    assert run.input_spec is not None
+    return run_ingest(run.spark, run.cfg, run.input_spec, run.run_id, write)
+
+
+def _embed(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str, Any]:
+    from clustermix.embed import run_embed
+
+    run.ray()
+    return run_embed(run.spark, run.lake, run.cfg.embed, inputs["docs"], run.run_id, write)
+
+
+def _cluster(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str, Any]:
+    from clustermix.cluster import run_cluster
+    from clustermix.models import model_id
+
+    run.ray()
+    return run_cluster(run.spark, run.lake, run.cfg.cluster, model_id(run.cfg.embed.model), inputs["embeddings"],
+                       run.run_id, write)
+
+
+def _stats(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from clustermix.stats import cluster_stats, share_summary
+
+    s, lake, c = run.spark, run.lake, run.cfg.stats
+    df = cluster_stats(lk.read(s, lake, "docs", inputs["docs"]), lk.read(s, lake, "assignments", inputs["assignments"]),
+                       lk.read(s, lake, "centroids", inputs["centroids"]), c.min_share, c.n_exemplars)
+    write("cluster_stats", df)
+    sizes = [r["n_docs"] for r in lk.read(s, lake, "cluster_stats").select("n_docs").collect()]  # K rows
+    return {"summary": share_summary(np.array(sizes), c.min_share)}
+
+
+def _sample(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str, Any]:
+    from clustermix.sample import run_sample
+
+    s, lake = run.spark, run.lake
+    return run_sample(s, lk.read(s, lake, "cluster_stats", inputs["cluster_stats"]),
+                      lk.read(s, lake, "assignments", inputs["assignments"]), lk.read(s, lake, "docs", inputs["docs"]),
+                      run.cfg.sample, run.cfg.stats.min_share, run.cfg.spark.shuffle_partitions, write)
+
+
+def _blend(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str, Any]:
+    from clustermix.blend import domain_mix, run_blend
+
+    s, lake = run.spark, run.lake
+    info = run_blend(s, lk.read(s, lake, "cluster_stats", inputs["cluster_stats"]),
+                     lk.read(s, lake, "assignments", inputs["assignments"]), lk.read(s, lake, "docs", inputs["docs"]),
+                     lk.read(s, lake, "sample_plan", inputs["sample_plan"]), run.cfg.blend, run.cfg.sample,
+                     run.cfg.spark.shuffle_partitions, write)
+    info["draws_by_domain"] = domain_mix(lk.read(s, lake, "blended"))
+    return info
+
+
+STAGE_FNS: dict[str, Callable[[Run, lk.TableWriter, dict[str, Any]], dict[str, Any]]] = {
+    "ingest": _ingest, "embed": _embed, "cluster": _cluster, "stats": _stats, "sample": _sample, "blend": _blend,
+}
+
+
+def _mixture_input(cfg: Config) -> dict[str, Any]:
+    """The blend depends on the mixture file's content, not just its name."""
+    if cfg.blend.mode != "mixture" or not cfg.blend.mixture_path:
+        return {}
+    from pyarrow import fs as pafs
+
+    p = cfg.blend.mixture_path
+    filesystem, path = pafs.FileSystem.from_uri(p if "://" in p else "file://" + os.path.abspath(p))
+    with filesystem.open_input_stream(path) as fh:
+        return {"mixture_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
+
+
+def run_stages(cfg: Config, stages: tuple[str, ...] = STAGES, run_id: str | None = None,
+               spark: SparkSession | None = None) -> Run:
+    """Run ``stages`` (in pipeline order) under the lake lock; return the finished run."""
+    run = Run(cfg, run_id, spark)
+    lock = lk.LakeLock(run.lake, run.run_id, cfg.lake.lock_stale_seconds)
+    lock.acquire()
+    try:
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            extra: dict[str, Any] = {}
+            if stage == "ingest":
+                from clustermix.ingest import resolve_input
+
+                run.input_spec = resolve_input(cfg, run.lake.root)
+                extra = {"input": run.input_spec.listing, "path": run.input_spec.path}
+            if stage == "blend":
+                extra = _mixture_input(cfg)
+            run.run_stage(stage, STAGE_FNS[stage], extra)
+            if stage == "ingest":
+                n_docs = lk.num_records(run.lake.table("docs"))
+                if cfg.cluster.k > n_docs:
+                    raise DataError(f"config error: cluster.k={cfg.cluster.k}: greater than the {n_docs} "
+                                    "accepted documents")
+        run.manifest["outcome"] = "succeeded"
+    except BaseException as exc:
+        run.manifest["outcome"] = "failed"
+        run.manifest["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise
+    finally:
+        run.manifest["finished_at"] = _now()
+        run.manifest["tables"] = {t: lk.version(run.lake.table(t)) for outs in OUTPUTS.values() for t in outs}
+        try:
+            run.save()
+        finally:
+            lock.release()
+    return run

@@ -1,0 +1,120 @@
+"""Build the engines' sessions from config: one Spark session and one Ray connection per process.
+
+Stages never create sessions: they take ``spark`` as an argument and use the Ray that is already
+initialised. Local and cluster mode differ only in config (``spark.master``, ``ray.address``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clustermix.config import Config, SparkConfig
+from clustermix.errors import ClustermixError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+DELTA_SCALA = "2.13"
+
+
+def delta_package() -> str:
+    """The Maven coordinate of the Delta jar matching the installed delta-spark."""
+    from importlib.metadata import version
+
+    return f"io.delta:delta-spark_{DELTA_SCALA}:{version('delta-spark')}"
+
+
+def maven_repo(cfg: SparkConfig) -> Path:
+    return Path(cfg.maven_repo or os.environ.get("CLUSTERMIX_MAVEN_REPO", "~/.m2/repository")).expanduser()
+
+
+def _offline_ivy_settings(repo: Path, workdir: Path) -> Path:
+    """Ivy settings that resolve only from the local Maven repository: no network at run time."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "ivysettings-local-m2.xml"
+    path.write_text(
+        "<ivysettings>\n"
+        '  <settings defaultResolver="local-m2"/>\n'
+        "  <resolvers>\n"
+        f'    <ibiblio name="local-m2" m2compatible="true" root="{repo.resolve().as_uri()}"/>\n'
+        "  </resolvers>\n"
+        "</ivysettings>\n"
+    )
+    return path
+
+
+def spark_session(cfg: Config) -> SparkSession:
+    """Get or create the process's Spark session with Delta enabled."""
+    from pyspark.sql import SparkSession
+
+    sc = cfg.spark
+    builder = SparkSession.builder.appName(sc.app_name)
+    if sc.master:
+        builder = builder.master(sc.master)
+    conf = {
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
+        "spark.driver.memory": sc.driver_memory,
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.session.timeZone": "UTC",
+        # Ray and delta-rs read our tables file by file: deletion vectors would hide deletes from them.
+        "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+    }
+    if sc.delta_jars != "none":
+        conf["spark.jars.packages"] = delta_package()
+    if sc.delta_jars == "local-m2":
+        repo = maven_repo(sc)
+        jar_dir = repo / "io" / "delta" / f"delta-spark_{DELTA_SCALA}"
+        if not jar_dir.is_dir():
+            raise ClustermixError(
+                f"Delta jars not found under {jar_dir}; run `make setup` (or deploy/fetch-jars.sh) first"
+            )
+        ivy_home = Path(os.environ.get("CLUSTERMIX_IVY_HOME", Path.home() / ".cache" / "clustermix" / "ivy"))
+        conf["spark.jars.ivySettings"] = str(_offline_ivy_settings(repo, ivy_home))
+        conf["spark.jars.ivy"] = str(ivy_home)
+    conf.update(sc.conf)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def ray_init(cfg: Config) -> None:
+    """Connect to (or start) Ray once per process; later calls are no-ops."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, object] = {
+        "include_dashboard": False,
+        "log_to_driver": True,
+        "configure_logging": True,
+        "logging_level": logging.WARNING,
+    }
+    if cfg.ray.address:
+        kwargs["address"] = cfg.ray.address
+    else:
+        if cfg.ray.num_cpus:
+            kwargs["num_cpus"] = cfg.ray.num_cpus
+        if cfg.ray.object_store_memory_mb:
+            kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ray.init(**kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    # live bars on a terminal; in logs (CI, cluster jobs) the stages log their own progress
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.print_on_execution_start = False
