@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh machine: a virtual environment with the pinned Python packages
+# (PyPI only), and the Delta jars in the local Maven repository (Maven Central only).
+# Safe to rerun: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON_BIN:-python3}
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need java || ! need mvn; then
+  if [ "$(id -u)" = 0 ] && need apt-get; then
+    echo "setup: installing Java 17 and Maven from Debian"
+    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+  else
+    echo "setup: Java 17 and Maven are required (apt-get install openjdk-17-jre-headless maven)" >&2; exit 1
+  fi
+fi
+"$PYTHON" - <<'PY'
+import sys
+if not ((3, 10) <= sys.version_info[:2] <= (3, 12)):
+    sys.exit(f"setup: Python 3.10-3.12 is required, found {sys.version.split()[0]}")
+PY
+
+# uv installs the ~3 GB of wheels (torch pulls CUDA libraries from PyPI) several times faster than pip.
+if ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --disable-pip-version-check "uv==0.13.9" || "$PYTHON" -m pip install -q --user "uv==0.13.9"
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m uv venv -q -p "$PYTHON" "$VENV"
+stamp="$VENV/.clustermix-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing Python packages into $VENV"
+  "$PYTHON" -m uv pip install -q -p "$VENV/bin/python" -e ".[dev]"
+  touch "$stamp"
+fi
+PYTHON="$VENV/bin/python" bash deploy/fetch-jars.sh
+echo "setup: done"

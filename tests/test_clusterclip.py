@@ -1,0 +1,113 @@
+"""The ClusterClip allocation on hand-checked cases and with property-based tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clustermix.clusterclip import allocate, per_doc, water_level
+
+
+def test_uniform_when_the_clip_does_not_bind():
+    a = allocate(np.array([100, 50, 10]), np.ones(3), 30, clip=4)
+    assert a.draws.tolist() == [10, 10, 10]
+    assert a.shortfall == 0 and not a.clipped.any()
+
+
+def test_clipped_cluster_hands_its_share_to_the_others():
+    # uniform 10 each, but cluster 1 (2 docs, clip 2) stops at 4: the other two share 26
+    a = allocate(np.array([100, 2, 10]), np.ones(3), 30, clip=2)
+    assert a.draws.tolist() == [13, 4, 13]
+    assert a.clipped.tolist() == [False, True, False]
+    assert a.lam == pytest.approx(1.3)
+
+
+def test_cascade_of_clips():
+    # caps 2, 6, 1000: uniform share 100 each; both small clusters clip, the large one takes the rest
+    a = allocate(np.array([1, 3, 500]), np.ones(3), 300, clip=2)
+    assert a.draws.tolist() == [2, 6, 292]
+
+
+def test_budget_beyond_the_cap_is_capped_and_reported():
+    a = allocate(np.array([3, 1]), np.ones(2), 100, clip=2)
+    assert a.draws.tolist() == [6, 2]
+    assert a.cap == 8 and a.shortfall == 92
+
+
+def test_remainder_goes_to_largest_fractions_deterministically():
+    a = allocate(np.array([10, 10, 10]), np.ones(3), 10, clip=5)
+    assert a.draws.tolist() == [4, 3, 3]  # ties go to the lower index
+    b = allocate(np.array([10, 10, 10]), np.array([0.5, 0.3, 0.2]), 10, clip=5)
+    assert b.draws.tolist() == [5, 3, 2]
+
+
+def test_zero_target_and_empty_clusters_get_nothing():
+    a = allocate(np.array([5, 0, 5]), np.array([1.0, 1.0, 0.0]), 4, clip=3)
+    assert a.draws.tolist() == [4, 0, 0]
+
+
+def test_bad_arguments_are_rejected_with_reasons():
+    with pytest.raises(ValueError, match="budget"):
+        allocate(np.array([1]), np.ones(1), 0, 1)
+    with pytest.raises(ValueError, match="same length"):
+        allocate(np.array([1, 2]), np.ones(3), 5, 1)
+    with pytest.raises(ValueError, match="positive target"):
+        allocate(np.array([0, 0]), np.ones(2), 5, 1)
+
+
+def test_per_doc_spread():
+    assert per_doc(23, 10) == (2, 3)
+    assert per_doc(0, 4) == (0, 0)
+
+
+sizes_st = st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=40).filter(lambda s: sum(s) > 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=sizes_st, clip=st.integers(1, 6), budget=st.integers(1, 5000), seed=st.integers(0, 2**16))
+def test_allocation_properties(sizes, clip, budget, seed):
+    n = np.array(sizes)
+    rng = np.random.default_rng(seed)
+    t = rng.random(len(n)) + 0.01
+    a = allocate(n, t, budget, clip)
+    caps = clip * n
+    assert (a.draws >= 0).all()
+    assert (a.draws <= caps).all(), "a cluster exceeds its clip"
+    assert a.total == min(budget, int(caps.sum())), "draws must sum to the budget or the cap"
+    assert a.shortfall == max(0, budget - int(caps.sum()))
+    if budget < caps.sum():
+        # water-filling: unclipped clusters sit at λ·t·B within rounding, clipped ones at their cap
+        tn = np.where(n > 0, t, 0) / np.where(n > 0, t, 0).sum()
+        ideal = np.minimum(a.lam * tn * budget, caps)
+        assert np.abs(a.draws - ideal).max() < 1.0 + 1e-6
+        assert abs(sum(np.minimum(a.lam * tn * budget, caps)) - budget) < 1e-6 * budget + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=sizes_st, clip=st.integers(1, 6), budget=st.integers(1, 5000))
+def test_uniform_targets_give_equal_draws_plus_minus_one(sizes, clip, budget):
+    n = np.array(sizes)
+    a = allocate(n, np.ones(len(n)), budget, clip)
+    free = (n > 0) & ~a.clipped
+    if free.sum() > 1:
+        assert a.draws[free].max() - a.draws[free].min() <= 1
+    # no unclipped cluster gets fewer draws than a clipped one could have wanted
+    if free.any() and a.clipped.any():
+        assert a.draws[free].min() >= a.draws[a.clipped].max() - 1
+
+
+def test_water_level_matches_a_brute_force_bisection():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = rng.integers(1, 100, size=12).astype(float)
+        t = rng.random(12)
+        t /= t.sum()
+        clip, budget = 2.0, float(rng.integers(10, int(2 * n.sum())))
+        lam = water_level(n, t, budget, clip)
+        lo, hi = 0.0, 1e6
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if np.minimum(mid * t * budget, clip * n).sum() < budget else (lo, mid)
+        assert lam == pytest.approx(lo, rel=1e-6)

@@ -1,0 +1,112 @@
+"""The whole pipeline on a small real slice of the default corpus, against real Spark, Ray, FAISS, Delta."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clustermix import lake as lk
+from clustermix.pipeline import STAGES, run_stages
+
+from .conftest import make_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, spark, ray_local, bbc_slice):
+    root = tmp_path_factory.mktemp("lake")
+    cfg = make_config(root, str(bbc_slice))
+    run = run_stages(cfg, spark=spark)
+    return cfg, run
+
+
+def test_every_stage_ran_and_the_manifest_adds_up(pipeline):
+    cfg, run = pipeline
+    m = run.manifest
+    assert m["outcome"] == "succeeded"
+    assert [s for s in STAGES if m["stages"][s]["status"] == "ran"] == list(STAGES)
+    ing = m["stages"]["ingest"]["counts"]
+    assert ing["read"] == 70
+    assert ing["read"] == ing["accepted"] + ing["duplicates"] + ing["quarantined"]
+    from clustermix.manifest import read_json
+
+    on_disk = read_json(run.manifest_uri)
+    assert on_disk["stages"]["blend"]["versions"] == {"blended": 0}
+    assert on_disk["tables"]["blended"] == 0
+
+
+def test_contracts_every_doc_has_one_embedding_and_one_cluster(pipeline, spark):
+    cfg, run = pipeline
+    lake = run.lake
+    docs = lk.read(spark, lake, "docs")
+    emb = lk.read(spark, lake, "embeddings")
+    asg = lk.read(spark, lake, "assignments")
+    n = docs.count()
+    assert emb.count() == n and emb.select("id").distinct().count() == n
+    assert asg.count() == n and asg.join(docs, "id").count() == n
+    assert {r["cluster_id"] for r in asg.select("cluster_id").distinct().collect()} <= set(range(cfg.cluster.k))
+    # embeddings are unit-length float32 vectors of the model's width
+    vecs = np.array([r["embedding"] for r in emb.limit(10).collect()], dtype=np.float32)
+    assert vecs.shape[1] == 384
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+
+
+def test_sample_respects_budget_clip_and_positions(pipeline, spark):
+    cfg, run = pipeline
+    plan = lk.read(spark, run.lake, "sample_plan")
+    rows = plan.collect()  # a test-sized table
+    assert len(rows) == cfg.sample.budget
+    per_doc: dict[str, int] = {}
+    for r in rows:
+        per_doc[r["id"]] = per_doc.get(r["id"], 0) + 1
+    assert max(per_doc.values()) <= cfg.sample.clip
+    assert sorted(r["position"] for r in rows) == list(range(cfg.sample.budget))
+    # g2s: the first K positions cover K distinct clusters
+    first = sorted(rows, key=lambda r: r["position"])[: cfg.cluster.k]
+    assert len({r["cluster_id"] for r in first}) == cfg.cluster.k
+
+
+def test_blended_reads_back_through_delta_rs_and_spark(pipeline, spark):
+    from deltalake import DeltaTable
+
+    cfg, run = pipeline
+    uri = run.lake.table("blended")
+    t = DeltaTable(uri).to_pyarrow_table()
+    assert t.num_rows == cfg.sample.budget
+    assert {"id", "text", "cluster_id", "domain", "draw", "position", "phase"} <= set(t.column_names)
+    assert lk.read(spark, run.lake, "blended").count() == t.num_rows
+    meta = lk.last_commit_meta(uri)
+    assert meta is not None and meta["run_id"] == run.run_id and "sample_plan" in meta["inputs"]
+
+
+def test_balancing_flattens_the_cluster_mix(pipeline, spark):
+    _, run = pipeline
+    sample = run.manifest["stages"]["sample"]["counts"]
+    assert sample["shares_after"]["gini"] < sample["shares_before"]["gini"]
+    sizes = {r["cluster_id"]: r["n_docs"] for r in lk.read(spark, run.lake, "cluster_stats").collect()}
+    draws = {int(k): v for k, v in sample["draws_per_cluster"].items()}
+    big, small = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    n, b = sum(sizes.values()), sum(draws.values())
+    assert draws[big] / b < sizes[big] / n, "the largest cluster must lose share"
+    assert draws[small] / b > sizes[small] / n, "the smallest cluster must gain share"
+    mix = run.manifest["stages"]["blend"]["counts"]["draws_by_domain"]
+    assert sum(v["draws"] for v in mix.values()) == b
+
+
+def test_rerun_skips_every_stage_and_changes_no_table(pipeline, spark):
+    cfg, run = pipeline
+    before = {t: lk.version(run.lake.table(t)) for t in ("docs", "embeddings", "assignments", "blended")}
+    again = run_stages(cfg, spark=spark)
+    assert {s: again.manifest["stages"][s]["status"] for s in STAGES} == dict.fromkeys(STAGES, "skipped")
+    assert {t: lk.version(run.lake.table(t)) for t in before} == before
+
+
+def test_changed_sample_config_reruns_only_sample_and_blend(pipeline, spark):
+    cfg, run = pipeline
+    cfg2 = make_config(run.lake.root, cfg.input.path, sample={"budget": 120, "order": "random"})
+    again = run_stages(cfg2, spark=spark)
+    status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
+    assert status == {"ingest": "skipped", "embed": "skipped", "cluster": "skipped", "stats": "skipped",
+                      "sample": "ran", "blend": "ran"}
+    assert lk.read(spark, run.lake, "blended").count() == 120
