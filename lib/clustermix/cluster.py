@@ -151,26 +151,35 @@ def fit(shards: list[Any], cfg: ClusterConfig, n_fit: int, seed: int) -> Fit:
     return Fit(centroids, final, history, reseeded, seed)
 
 
-def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, run_id: str,
-                write: TableWriter) -> dict[str, Any]:
-    """Fit k-means on the embeddings of ``model`` and write ``centroids`` and ``assignments``."""
+@dataclass
+class KMeansResult:
+    """A finished distributed fit (and, when asked, its assignment files)."""
+
+    fit: Fit
+    n_points: int
+    n_fitted: int
+    fraction: float
+    use_gpu: bool
+    seconds: float
+
+    def meta(self, cfg: ClusterConfig) -> dict[str, Any]:
+        return {"objective_history": [round(v, 6) for v in self.fit.history], "n_points": self.n_points,
+                "n_fitted": self.n_fitted, "fit_fraction": self.fraction, "reseeded": self.fit.reseeded,
+                "nredo": cfg.nredo, "gpu": self.use_gpu}
+
+
+def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = None) -> KMeansResult:
+    """Fit spherical k-means on a Ray Dataset of (id, embedding) held by ``cfg.num_shards`` actors;
+    with ``assign_dir``, also write every point's (id, cluster_id, score) there as Parquet."""
     import ray
-    from pyspark.sql import functions as F
 
     t0 = time.time()
     use_gpu = _gpu_wanted(cfg)
-    files = lk.file_uris(lake.table("embeddings"), emb_version)
-    if not files:
-        raise DataError("embeddings table is empty: nothing to cluster")
-    ds = ray.data.read_parquet(files, columns=["id", "embedding", "model"])
-    ds = ds.filter(expr=f"model == '{model}'")
-    cps = shard_cpus(cfg)
-    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=cps)(ShardActor)
-    shards = [actor_cls.options(max_restarts=0).remote(use_gpu) for _ in range(cfg.num_shards)]
+    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=shard_cpus(cfg))(ShardActor)
+    shards = [actor_cls.remote(use_gpu) for _ in range(cfg.num_shards)]
     try:
         iters = ds.select_columns(["id", "embedding"]).streaming_split(cfg.num_shards, equal=False)
-        sizes = ray.get([s.load.remote(it) for s, it in zip(shards, iters)])
-        n = int(sum(sizes))
+        n = int(sum(ray.get([s.load.remote(it) for s, it in zip(shards, iters)])))
         if cfg.k > n:
             raise DataError(f"config error: cluster.k={cfg.k}: greater than the {n} embedded documents")
         fraction = cfg.fit_fraction
@@ -178,7 +187,10 @@ def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str,
             fraction = min(fraction, cfg.fit_max_points / n)
         n_fit = int(sum(ray.get([s.choose_fit.remote(fraction, cfg.seed + i) for i, s in enumerate(shards)])))
         if n_fit < cfg.k:
-            raise DataError(f"config error: cluster.fit_fraction={cfg.fit_fraction}: leaves {n_fit} points for k={cfg.k}")
+            raise DataError(f"config error: cluster.fit_fraction={cfg.fit_fraction}: leaves {n_fit} points "
+                            f"for k={cfg.k}")
+        if fraction < 1.0:
+            log.info("k-means fits on %d of %d points (fraction %.4f)", n_fit, n, fraction)
         best: Fit | None = None
         for r in range(cfg.nredo):
             f = fit(shards, cfg, n_fit, cfg.seed + 1000 * r)
@@ -187,16 +199,31 @@ def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str,
             if best is None or f.objective > best.objective:
                 best = f
         assert best is not None
-        out_dir = lake.staging("assignments", run_id)
-        ray.get([s.assign.remote(best.centroids, out_dir, i) for i, s in enumerate(shards)])
+        if assign_dir is not None:
+            ray.get([s.assign.remote(best.centroids, assign_dir, i) for i, s in enumerate(shards)])
     finally:
         for s in shards:
             ray.kill(s)
-    fit_seconds = time.time() - t0
+    return KMeansResult(best, n, n_fit, fraction, use_gpu, time.time() - t0)
+
+
+def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, run_id: str,
+                write: TableWriter) -> dict[str, Any]:
+    """Fit k-means on the embeddings of ``model`` and write ``centroids`` and ``assignments``."""
+    import ray
+    from pyspark.sql import functions as F
+
+    files = lk.file_uris(lake.table("embeddings"), emb_version)
+    if not files:
+        raise DataError("embeddings table is empty: nothing to cluster")
+    ds = ray.data.read_parquet(files, columns=["id", "embedding", "model"])
+    ds = ds.filter(expr=f"model == '{model.replace(chr(39), chr(92) + chr(39))}'")
+    out_dir = lake.staging("assignments", run_id)
+    res = distributed_kmeans(ds, cfg, out_dir)
+    best = res.fit
     niter = len(best.history) - 1
-    meta = {"objective_history": [round(v, 6) for v in best.history], "n_points": n, "n_fitted": n_fit,
-            "fit_fraction": fraction, "reseeded": best.reseeded, "nredo": cfg.nredo, "gpu": use_gpu}
-    rows = [(i, best.centroids[i].tolist(), cfg.k, niter, best.seed, float(best.objective), model, json.dumps(meta))
+    meta = json.dumps(res.meta(cfg))
+    rows = [(i, best.centroids[i].tolist(), cfg.k, niter, best.seed, float(best.objective), model, meta)
             for i in range(cfg.k)]
     centroids = spark.createDataFrame(
         rows, "cluster_id int, centroid array<float>, k int, niter int, seed bigint, objective double, "
@@ -206,6 +233,6 @@ def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str,
                                                                       F.col("score").cast("float"))
     write("assignments", contracts.check(assignments, "assignments"))
     lake.remove(out_dir)
-    return {"k": cfg.k, "n_points": n, "n_fitted": n_fit, "fit_fraction": fraction, "niter_run": niter,
-            "objective": round(best.objective, 6), "reseeded": best.reseeded, "gpu": use_gpu,
-            "seconds": round(fit_seconds, 2)}
+    return {"k": cfg.k, "n_points": res.n_points, "n_fitted": res.n_fitted, "fit_fraction": res.fraction,
+            "niter_run": niter, "objective": round(best.objective, 6), "reseeded": best.reseeded,
+            "gpu": res.use_gpu, "seconds": round(res.seconds, 2)}

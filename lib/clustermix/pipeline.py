@@ -256,7 +256,7 @@ def run_stages(cfg: Config, stages: tuple[str, ...] = STAGES, run_id: str | None
             if stage == "blend":
                 extra = _mixture_input(cfg)
             run.run_stage(stage, STAGE_FNS[stage], extra)
-            if stage == "ingest":
+            if stage == "ingest" and "cluster" in stages:
                 n_docs = lk.num_records(run.lake.table("docs"))
                 if cfg.cluster.k > n_docs:
                     raise DataError(f"config error: cluster.k={cfg.cluster.k}: greater than the {n_docs} "

@@ -1,0 +1,126 @@
+"""Ingest on dirty input: every record ends in docs, duplicates or quarantine with a reason."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from clustermix import lake as lk
+from clustermix.errors import InputError
+from clustermix.pipeline import run_stages
+
+from .conftest import make_config
+
+
+def _doc(i: int, **extra: object) -> str:
+    return json.dumps({"id": f"d{i}", "text": f"document number {i} about topic {i % 3}", **extra})
+
+
+def write_dirty_corpus(folder: Path) -> dict[str, int]:
+    """A folder with a BOM+CRLF JSONL file and a gzip JSONL file; returns the expected counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = [_doc(i, quality=0.5, domain="a") for i in range(20)]
+    lines: list[bytes] = [ln.encode() for ln in good]
+    bad = {
+        "malformed_json": ['{"text": "unterminated"', "{text: 'single'}", "not json at all"],
+        "not_an_object": ["[1, 2, 3]", '"just a string"', "42"],
+        "missing_text": ['{"id": "m1"}', '{"id": "m2", "text": null}'],
+        "text_not_string": ['{"id": "t1", "text": 5}', '{"id": "t2", "text": ["a"]}', '{"text": {"x": 1}}'],
+        "blank_text": ['{"id": "b1", "text": "   "}', '{"id": "b2", "text": ""}', '{"id": "b3", "text": "\\n\\t"}'],
+        "nul_in_text": ['{"id": "n1", "text": "a\\u0000b"}'],
+        "too_long": [json.dumps({"id": "L1", "text": "x" * 501})],
+        "quality_not_a_number": [json.dumps({"id": "q1", "text": "fine text", "quality": "high"}),
+                                 json.dumps({"id": "q2", "text": "other text", "quality": True})],
+        "bad_id": [json.dumps({"id": {"a": 1}, "text": "object id"}), json.dumps({"id": "  ", "text": "blank id"})],
+        "duplicate_id": [json.dumps({"id": "d3", "text": "a different text under an id already used"})],
+    }
+    for reason, items in bad.items():
+        lines += [s.encode() for s in items]
+    lines.append(b'{"id": "u1", "text": "caf\xe9 latin-1 byte"}')  # invalid UTF-8
+    lines.append(b'{"id": "nul", "text": "raw \x00 byte"}')  # a raw NUL is a JSON control char: malformed
+    dup_lines = [json.dumps({"id": "x1", "text": "document number 1 about topic 1"}),  # same text as d1
+                 _doc(2, quality=0.5, domain="a")]  # same id and text as d2
+    lines += [s.encode() for s in dup_lines]
+    lines += [b"", b"   "]  # blank lines: not records
+    body = b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n"
+    (folder / "dirty.jsonl").write_bytes(body)
+    gz = [_doc(100 + i, quality=1) for i in range(5)] + ['{"broken": ']
+    (folder / "more.jsonl.gz").write_bytes(gzip.compress(("\n".join(gz) + "\n").encode()))
+    reasons = {r: len(v) for r, v in bad.items()}
+    reasons["invalid_utf8"] = 1
+    reasons["malformed_json"] += 2  # the raw NUL line and the broken gzip line
+    return {"accepted": 25, "duplicates": 2, "quarantined": sum(reasons.values()), "reasons": reasons}
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory, spark):
+    root = tmp_path_factory.mktemp("dirty")
+    expected = write_dirty_corpus(root / "in")
+    cfg = make_config(root / "lake", str(root / "in"), ingest={"max_chars": 500})
+    run = run_stages(cfg, ("ingest",), spark=spark)
+    return cfg, run, expected
+
+
+def test_accounting_holds_with_every_reason(dirty):
+    _, run, expected = dirty
+    c = run.manifest["stages"]["ingest"]["counts"]
+    assert c["accepted"] == expected["accepted"]
+    assert c["duplicates"] == expected["duplicates"]
+    assert c["quarantined_by_reason"] == dict(sorted(expected["reasons"].items()))
+    assert c["read"] == c["accepted"] + c["duplicates"] + c["quarantined"]
+
+
+def test_quarantine_keeps_raw_record_reason_and_file(dirty, spark):
+    _, run, _ = dirty
+    q = {r["reason"]: r for r in lk.read(spark, run.lake, "quarantine").collect()}
+    assert q["duplicate_id"]["raw"].startswith('{"id": "d3"')
+    assert q["invalid_utf8"]["source_file"].endswith("dirty.jsonl")
+    assert "\ufffd" in q["invalid_utf8"]["raw"]
+    assert any(r["source_file"].endswith("more.jsonl.gz") for r in lk.read(spark, run.lake, "quarantine").collect())
+
+
+def test_bom_crlf_and_gzip_records_are_clean_docs(dirty, spark):
+    _, run, _ = dirty
+    docs = {r["id"]: r for r in lk.read(spark, run.lake, "docs").collect()}
+    assert docs["d0"]["text"] == "document number 0 about topic 0"  # no BOM, no trailing \r
+    assert docs["d0"]["quality"] == 0.5 and docs["d0"]["domain"] == "a"
+    assert docs["d104"]["quality"] == 1.0
+    assert docs["d1"]["n_chars"] == len("document number 1 about topic 1")
+    assert len(docs["d1"]["text_hash"]) == 64
+
+
+def test_duplicates_point_at_the_kept_document(dirty, spark):
+    _, run, _ = dirty
+    dups = {r["id"]: r["duplicate_of"] for r in lk.read(spark, run.lake, "duplicates").collect()}
+    assert dups == {"x1": "d1", "d2": "d2"}
+
+
+def test_missing_ids_become_content_hashes(tmp_path, spark):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "alpha"}\n{"text": "beta"}\n{"text": "alpha"}\n')
+    run = run_stages(make_config(tmp_path / "lake", str(src)), ("ingest",), spark=spark)
+    docs = lk.read(spark, run.lake, "docs").collect()
+    assert len(docs) == 2
+    assert all(d["id"] == d["text_hash"][:24] for d in docs)
+    assert run.manifest["stages"]["ingest"]["counts"]["duplicates"] == 1
+
+
+def test_parquet_input_and_missing_text_column(tmp_path, spark):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good"
+    good.mkdir()
+    pq.write_table(pa.table({"id": ["p1", "p2", "p3"], "body": ["one", "two", None]}), good / "part-0.parquet")
+    cfg = make_config(tmp_path / "lake", str(good), input={"format": "parquet", "text_field": "body"})
+    run = run_stages(cfg, ("ingest",), spark=spark)
+    c = run.manifest["stages"]["ingest"]["counts"]
+    assert (c["accepted"], c["quarantined_by_reason"]) == (2, {"missing_text": 1})
+    cfg_bad = make_config(tmp_path / "lake2", str(good), input={"format": "parquet", "text_field": "text"})
+    with pytest.raises(InputError) as err:
+        run_stages(cfg_bad, ("ingest",), spark=spark)
+    assert "part-0.parquet" in str(err.value) and "'text'" in str(err.value)
+    assert lk.version(str(tmp_path / "lake2" / "docs")) is None
