@@ -69,3 +69,14 @@ def bbc_slice(tmp_path_factory) -> Path:
                 seen[d] = seen.get(d, 0) + 1
                 fh.write(json.dumps(rec) + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, spark, ray_local, bbc_slice):
+    """One whole pipeline run on the BBC slice, shared by the tests that inspect its output."""
+    from clustermix.pipeline import run_stages
+
+    root = tmp_path_factory.mktemp("lake")
+    cfg = make_config(root, str(bbc_slice))
+    run = run_stages(cfg, spark=spark)
+    return cfg, run

@@ -34,15 +34,16 @@ def test_partial_stats_are_sums_and_counts():
         assert p.counts[j] == (labels == j).sum()
         assert np.allclose(p.sums[j], x[labels == j].sum(0), atol=1e-4)
     assert p.n == 300
-    halves = kmeans.partial_stats(x[:120], c) + kmeans.partial_stats(x[120:], c)
-    assert np.allclose(halves.sums, p.sums) and (halves.counts == p.counts).all()
+    # fixed-point sums: any split of the points gives bit-identical totals
+    halves = kmeans.partial_stats(x[:120], c) + kmeans.partial_stats(x[120:], c, chunk=7)
+    assert (halves.qsums == p.qsums).all() and (halves.counts == p.counts).all() and halves.qscore == p.qscore
 
 
 def test_update_renormalises_and_reseeds_empty_clusters():
     x = blobs(200, 8, 2)
     c = kmeans.normalize(np.vstack([x[:2], -x[:1]]))  # third centroid attracts nothing
     p = kmeans.partial_stats(x, c)
-    p.counts[2], p.sums[2] = 0, 0
+    p.counts[2], p.qsums[2] = 0, 0
     new, reseeded = kmeans.update(p, c, np.random.default_rng(0))
     assert reseeded == 1
     assert np.allclose(np.linalg.norm(new, axis=1), 1.0, atol=1e-5)
@@ -108,3 +109,13 @@ def test_k_greater_than_points_fails_clearly(ray_local):
 
     with pytest.raises(DataError, match="cluster.k=50"):
         distributed_kmeans(_dataset(blobs(20, 8, 2)), ClusterConfig(k=50, num_shards=2, cpus_per_shard=0.25))
+
+
+def test_the_fit_does_not_depend_on_how_points_are_sharded(ray_local, points):
+    from clustermix.cluster import distributed_kmeans
+
+    fits = [distributed_kmeans(_dataset(points[:1500]),
+                               ClusterConfig(k=6, niter=8, seed=2, num_shards=s, cpus_per_shard=0.25, fit_fraction=0.7)).fit
+            for s in (1, 2)]
+    assert np.array_equal(fits[0].centroids, fits[1].centroids)
+    assert fits[0].history == fits[1].history

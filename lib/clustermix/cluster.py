@@ -53,18 +53,27 @@ class ShardActor:
         self.fit_mask = np.ones(len(self.x), dtype=bool)
         return len(self.x)
 
+    def _hashes(self, seed: int) -> np.ndarray:
+        """A seeded 64-bit hash per point id: choices made on it do not depend on the sharding."""
+        import pandas as pd
+
+        key = f"{seed & 0xFFFFFFFFFFFF:016x}"[-16:]
+        return pd.util.hash_array(self.ids, hash_key=key, categorize=False).astype(np.uint64)
+
     def choose_fit(self, fraction: float, seed: int) -> int:
-        """Keep a seeded ``fraction`` of this shard for fitting (all of it when 1.0)."""
+        """Keep the points whose seeded id hash falls in the first ``fraction`` of the range."""
         if fraction < 1.0:
-            rng = np.random.default_rng(seed)
-            self.fit_mask = rng.random(len(self.x)) < fraction
+            self.fit_mask = self._hashes(seed) < np.uint64(min(fraction, 1.0) * float(2**64 - 1))
         return int(self.fit_mask.sum())
 
-    def sample(self, m: int, seed: int) -> np.ndarray:
+    def sample(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's ``m`` fitted points with the smallest seeded id hashes (and the hashes):
+        the union over shards, cut to the ``m`` smallest, is the same sample however the points
+        were sharded."""
         pool = np.flatnonzero(self.fit_mask)
-        rng = np.random.default_rng(seed)
-        take = rng.choice(pool, size=min(m, len(pool)), replace=False) if len(pool) else pool
-        return self.x[np.sort(take)]
+        h = self._hashes(seed)[pool]
+        take = np.argsort(h, kind="stable")[:m]
+        return h[take], self.x[pool[take]]
 
     def step(self, centroids: np.ndarray) -> kmeans.Partial:
         return kmeans.partial_stats(self.x[self.fit_mask], centroids, self.use_gpu)
@@ -92,6 +101,11 @@ class Fit:
     history: list[float] = field(default_factory=list)
     reseeded: int = 0
     seed: int = 0
+    loop_seconds: float = 0.0  # time in Lloyd iterations only (no data loading, no seeding)
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        return self.loop_seconds / max(len(self.history) - 1, 1)
 
 
 def _gpu_wanted(cfg: ClusterConfig) -> bool:
@@ -124,13 +138,15 @@ def fit(shards: list[Any], cfg: ClusterConfig, n_fit: int, seed: int) -> Fit:
     import ray
 
     m = min(cfg.init_sample, n_fit)
-    per = [max(1, m // len(shards))] * len(shards)
-    sample = np.concatenate([x for x in ray.get([s.sample.remote(p, seed + 7919 * i)
-                                                  for i, (s, p) in enumerate(zip(shards, per))]) if len(x)])
+    parts = ray.get([s.sample.remote(m, seed) for s in shards])  # at most m·shards points
+    hashes = np.concatenate([h for h, _ in parts])
+    points = np.concatenate([x for _, x in parts if len(x)])
+    sample = points[np.argsort(hashes, kind="stable")[:m]]
     centroids = kmeans.init_plusplus(sample, cfg.k, seed)
     rng = np.random.default_rng(seed)
     history: list[float] = []
     reseeded = 0
+    t0 = time.perf_counter()
     for it in range(cfg.niter):
         refs = [s.step.remote(centroids) for s in shards]
         total = ray.get(refs[0])
@@ -148,7 +164,7 @@ def fit(shards: list[Any], cfg: ClusterConfig, n_fit: int, seed: int) -> Fit:
     totals = ray.get([s.step.remote(centroids) for s in shards])
     final = sum(p.score_sum for p in totals) / max(sum(p.n for p in totals), 1)
     history.append(final)
-    return Fit(centroids, final, history, reseeded, seed)
+    return Fit(centroids, final, history, reseeded, seed, time.perf_counter() - t0)
 
 
 @dataclass
@@ -161,21 +177,45 @@ class KMeansResult:
     fraction: float
     use_gpu: bool
     seconds: float
+    attempts: int = 1
 
     def meta(self, cfg: ClusterConfig) -> dict[str, Any]:
         return {"objective_history": [round(v, 6) for v in self.fit.history], "n_points": self.n_points,
                 "n_fitted": self.n_fitted, "fit_fraction": self.fraction, "reseeded": self.fit.reseeded,
-                "nredo": cfg.nredo, "gpu": self.use_gpu}
+                "nredo": cfg.nredo, "gpu": self.use_gpu, "attempts": self.attempts,
+                "seconds_per_iteration": round(self.fit.seconds_per_iteration, 4)}
+
+
+MAX_ATTEMPTS = 3
 
 
 def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = None) -> KMeansResult:
     """Fit spherical k-means on a Ray Dataset of (id, embedding) held by ``cfg.num_shards`` actors;
-    with ``assign_dir``, also write every point's (id, cluster_id, score) there as Parquet."""
-    import ray
+    with ``assign_dir``, also write every point's (id, cluster_id, score) there as Parquet.
+
+    A shard actor that dies (node lost, process killed) fails the attempt; the fit is then redone
+    from the start on fresh actors. The fit is deterministic, so the result is the same.
+    """
+    from ray.exceptions import RayActorError
 
     t0 = time.time()
     use_gpu = _gpu_wanted(cfg)
-    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=shard_cpus(cfg))(ShardActor)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            best, n, n_fit, fraction = _attempt(ds, cfg, assign_dir, use_gpu)
+            return KMeansResult(best, n, n_fit, fraction, use_gpu, time.time() - t0, attempt)
+        except RayActorError as exc:
+            if attempt == MAX_ATTEMPTS:
+                raise
+            log.warning("k-means attempt %d lost a shard actor (%s); redoing the fit", attempt,
+                        str(exc).splitlines()[0])
+    raise AssertionError("unreachable")
+
+
+def _attempt(ds: Any, cfg: ClusterConfig, assign_dir: str | None, use_gpu: bool) -> tuple[Fit, int, int, float]:
+    import ray
+
+    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=shard_cpus(cfg), max_restarts=0)(ShardActor)
     shards = [actor_cls.remote(use_gpu) for _ in range(cfg.num_shards)]
     try:
         iters = ds.select_columns(["id", "embedding"]).streaming_split(cfg.num_shards, equal=False)
@@ -185,7 +225,7 @@ def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = Non
         fraction = cfg.fit_fraction
         if cfg.fit_max_points is not None:
             fraction = min(fraction, cfg.fit_max_points / n)
-        n_fit = int(sum(ray.get([s.choose_fit.remote(fraction, cfg.seed + i) for i, s in enumerate(shards)])))
+        n_fit = int(sum(ray.get([s.choose_fit.remote(fraction, cfg.seed) for s in shards])))
         if n_fit < cfg.k:
             raise DataError(f"config error: cluster.fit_fraction={cfg.fit_fraction}: leaves {n_fit} points "
                             f"for k={cfg.k}")
@@ -204,7 +244,7 @@ def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = Non
     finally:
         for s in shards:
             ray.kill(s)
-    return KMeansResult(best, n, n_fit, fraction, use_gpu, time.time() - t0)
+    return best, n, n_fit, fraction
 
 
 def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, run_id: str,

@@ -41,32 +41,54 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: i
     return labels, scores
 
 
+# Sums are kept in fixed point (value · 2^32 as int64): integer addition is exact and
+# order-free, so the fit is the same however the points are split into shards or batches.
+# |component| <= 1, so a cluster may hold 2^31 points before a sum could overflow.
+SCALE = float(2**32)
+
+
+def _fixed(x: np.ndarray) -> np.ndarray:
+    return np.rint(np.asarray(x, dtype=np.float64) * SCALE).astype(np.int64)
+
+
 @dataclass
 class Partial:
     """One shard's contribution to a Lloyd step: O(k·d), whatever the shard's size."""
 
-    sums: np.ndarray  # (k, d) float64
+    qsums: np.ndarray  # (k, d) int64, fixed point
     counts: np.ndarray  # (k,) int64
-    score_sum: float
+    qscore: int  # summed cosine, fixed point
     n: int
 
+    @property
+    def sums(self) -> np.ndarray:
+        return self.qsums / SCALE
+
+    @property
+    def score_sum(self) -> float:
+        return self.qscore / SCALE
+
     def __add__(self, other: Partial) -> Partial:
-        return Partial(self.sums + other.sums, self.counts + other.counts, self.score_sum + other.score_sum,
+        return Partial(self.qsums + other.qsums, self.counts + other.counts, self.qscore + other.qscore,
                        self.n + other.n)
 
 
-def partial_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False) -> Partial:
+def partial_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 65536) -> Partial:
     """Assign ``x`` to ``centroids`` and return per-cluster sums, counts and the summed cosine."""
-    from scipy.sparse import csr_matrix
-
     k, d = centroids.shape
-    if len(x) == 0:
-        return Partial(np.zeros((k, d)), np.zeros(k, dtype=np.int64), 0.0, 0)
+    qsums = np.zeros((k, d), dtype=np.int64)
+    counts = np.zeros(k, dtype=np.int64)
+    qscore = 0
     labels, scores = assign(x, centroids, use_gpu)
-    onehot = csr_matrix((np.ones(len(x), dtype=np.float64), (labels, np.arange(len(x)))), shape=(k, len(x)))
-    sums = np.asarray(onehot @ x.astype(np.float64))
-    counts = np.bincount(labels, minlength=k).astype(np.int64)
-    return Partial(sums, counts, float(scores.astype(np.float64).sum()), len(x))
+    for s in range(0, len(x), chunk):  # chunks bound the int64 copy of the points
+        lab = labels[s : s + chunk]
+        order = np.argsort(lab, kind="stable")
+        lab_sorted = lab[order]
+        starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
+        qsums[lab_sorted[starts]] += np.add.reduceat(_fixed(x[s : s + chunk][order]), starts, axis=0)
+        counts += np.bincount(lab, minlength=k)
+        qscore += int(_fixed(scores[s : s + chunk]).sum())
+    return Partial(qsums, counts, qscore, len(x))
 
 
 def update(total: Partial, old: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:

@@ -243,6 +243,14 @@ class TableWriter:
         self.versions[name] = v
         return v
 
+    def read(self, name: str) -> DataFrame:
+        """Read back the version of ``name`` this writer committed."""
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.getActiveSession()
+        assert spark is not None
+        return read(spark, self.lake, name, self.versions[name])
+
     def merge_commit(self, spark: SparkSession, name: str, action: Any) -> int:
         """Run ``action()`` (a Delta MERGE/DELETE on table ``name``) with this stage's commit metadata."""
         key = "spark.databricks.delta.commitInfo.userMetadata"

@@ -1,0 +1,102 @@
+"""Benchmark: ClusterClip sample + blend + Delta write vs a plain df.sample + Delta write.
+
+Builds synthetic docs/assignments/cluster_stats tables of N rows with a skewed (Zipf-like) cluster
+distribution, then times, in one process on the same cores:
+  (a) clustermix sample (allocation + per-document plan + order) and blend (join + ordered write),
+  (b) docs.sample(fraction) + Delta write of the same number of rows,
+and prints (a)/(b) (goal <= 2) and the time ratio between the largest and smallest N (goal: linear,
+<= 4.4 for 4x the rows).
+
+    .venv/bin/python bench/sample.py --sizes 1000000 4000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import save, timed  # noqa: E402
+
+from clustermix import lake as lk  # noqa: E402
+from clustermix.config import build_config  # noqa: E402
+
+
+def make_tables(spark, lake: lk.Lake, n: int, k: int) -> None:
+    """Synthetic docs + assignments (+ centroids rows for stats) with skewed cluster sizes."""
+    from pyspark.sql import functions as F
+
+    from clustermix.stats import cluster_stats
+
+    ids = spark.range(n).withColumn("id", F.format_string("doc-%09d", F.col("id")))
+    # Zipf-like: cluster = floor(k * u^3) puts most rows in the first clusters
+    u = F.rand(seed=1)
+    docs = ids.select(
+        "id", F.concat(F.lit("text of "), F.col("id")).alias("text"),
+        F.when(u < 0.5, "web").when(u < 0.8, "code").otherwise("books").alias("domain"),
+        F.rand(seed=2).alias("quality"), (F.rand(seed=3) * 1000 + 50).cast("bigint").alias("n_tokens"))
+    lk.write(docs, lake, "docs", {"bench": True})
+    asg = ids.select("id", F.floor(F.pow(F.rand(seed=4), 3) * k).cast("int").alias("cluster_id"),
+                     F.rand(seed=5).cast("float").alias("score"))
+    lk.write(asg, lake, "assignments", {"bench": True})
+    cents = spark.createDataFrame([(i,) for i in range(k)], "cluster_id int")
+    stats = cluster_stats(lk.read(spark, lake, "docs"), lk.read(spark, lake, "assignments"), cents, 0.007, 3)
+    lk.write(stats, lake, "cluster_stats", {"bench": True})
+
+
+def bench_one(spark, n: int, k: int, work: Path) -> dict[str, float]:
+    from clustermix.blend import run_blend
+    from clustermix.sample import run_sample
+
+    lake = lk.Lake(str(work / f"lake-{n}"))
+    print(f"N={n:,}: building synthetic tables (not timed)", flush=True)
+    make_tables(spark, lake, n, k)
+    budget = n // 4
+    cfg = build_config({"lake": {"root": lake.root}, "input": {"path": "builtin://bbc"},
+                        "sample": {"budget": budget, "clip": 4, "order": "random"},
+                        "spark": {"shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions")}})
+    parts = cfg.spark.shuffle_partitions
+    t: dict[str, float] = {}
+    docs, asg, stats = (lk.read(spark, lake, x) for x in ("docs", "assignments", "cluster_stats"))
+    writer = lk.TableWriter(lake, {"bench": True})
+    with timed("clusterclip sample+blend+write", t):
+        run_sample(spark, stats, asg, docs, cfg.sample, 0.007, parts, writer)
+        run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, writer)
+    with timed("df.sample + write (baseline)", t):
+        lk.write(docs.sample(fraction=budget / n, seed=7), lake, "baseline", {"bench": True})
+    rows = lk.num_records(lake.table("blended"))
+    assert rows == budget, rows
+    t["ratio"] = t["clusterclip sample+blend+write"] / t["df.sample + write (baseline)"]
+    print(f"  ratio clusterclip/baseline: {t['ratio']:.2f} (goal <= 2)", flush=True)
+    lake.remove(lake.root)
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--shuffle-partitions", type=int, default=8)
+    args = ap.parse_args()
+    from clustermix.runtime import spark_session
+
+    cfg = build_config({"input": {"path": "builtin://bbc"}, "sample": {"budget": 1},
+                        "spark": {"shuffle_partitions": args.shuffle_partitions, "driver_memory": "8g"}})
+    spark = spark_session(cfg)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            results[n] = bench_one(spark, n, args.k, Path(tmp))
+    lo, hi = min(args.sizes), max(args.sizes)
+    scale = results[hi]["clusterclip sample+blend+write"] / results[lo]["clusterclip sample+blend+write"]
+    print(f"scaling {hi:,}/{lo:,} rows: time ratio {scale:.2f} (goal <= {4.4 * hi / lo / 4:.1f})")
+    save("sample", {"k": args.k, "results": {str(n): r for n, r in results.items()}, "scaling": scale})
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""The curation report: ``runs/<run_id>/report.json`` (the figures, for machines) and ``report.html``
+(the same figures for people: one self-contained file, plots as base64 PNG, no scripts, no network).
+
+Everything comes from the run's manifest and from K-row tables read with delta-rs at the versions
+the run recorded. Bigger tables are only ever streamed one narrow column at a time into counters of
+size O(K) or O(clip), and exemplar texts are looked up by id with a filter, so the report's memory
+is O(K) whatever the corpus size. Local paths and object-store URIs both work (pyarrow.fs, delta-rs).
+
+When a stage was skipped (its outputs were current), its counts come from the manifest of the run
+that wrote those outputs; when no manifest has them, from the committed tables, and ``notes`` says so.
+A ``mixtures`` table, when the search stage wrote one, holds one row per evaluated mixture with
+``iteration`` and ``score`` (higher is better) columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clustermix import __version__
+from clustermix.errors import DataError
+from clustermix.lake import Lake
+
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
+    from pyarrow.fs import FileSystem
+
+SCHEMA = "clustermix.report/1"
+SNIPPET_CHARS = 320
+NO_SEARCH = "The mixture search did not run: the lake has no mixtures table."
+
+
+def _fs(uri: str) -> tuple[FileSystem, str]:
+    from pyarrow import fs as pafs
+
+    return pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + str(Path(uri).resolve()))
+
+
+def _run_ids(lake: Lake) -> list[str]:
+    from pyarrow import fs as pafs
+
+    filesystem, base = _fs(f"{lake.root}/runs")
+    infos = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    # run ids start with a UTC timestamp, so their order is the order the runs started
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def _manifest(lake: Lake, run_id: str) -> dict[str, Any] | None:
+    from clustermix.manifest import read_json
+
+    try:
+        return read_json(f"{lake.run_dir(run_id)}/manifest.json")
+    except (OSError, ValueError):
+        return None
+
+
+def list_runs(lake_root: str) -> list[dict[str, Any]]:
+    """Every run under ``<lake_root>/runs``, oldest first: id, start, outcome, blended version, report."""
+    lake = Lake(lake_root)
+    out = []
+    for rid in _run_ids(lake):
+        m = _manifest(lake, rid) or {"outcome": "unreadable manifest"}
+        filesystem, path = _fs(f"{lake.run_dir(rid)}/report.html")
+        out.append({"run_id": rid, "started_at": m.get("started_at"), "finished_at": m.get("finished_at"),
+                    "outcome": m.get("outcome"), "blended_version": (m.get("tables") or {}).get("blended"),
+                    "has_report": filesystem.get_file_info(path).is_file})
+    return out
+
+
+class _Run:
+    """One run's manifest, plus (read on demand) those of the runs that wrote what it reused."""
+
+    def __init__(self, lake: Lake, manifest: dict[str, Any]) -> None:
+        self.lake, self.m, self.notes = lake, manifest, []
+        self._others: dict[str, dict[str, Any] | None] = {}
+
+    def stage(self, name: str) -> dict[str, Any]:
+        rec = dict(self.m.get("stages", {}).get(name) or {"status": "not run"})
+        rec["counts_from"] = self.m["run_id"] if rec.get("status") == "ran" else None
+        producer = rec.get("written_by_run")
+        if rec.get("status") == "skipped" and producer:
+            if producer not in self._others:
+                self._others[producer] = _manifest(self.lake, producer)
+            prev = ((self._others[producer] or {}).get("stages") or {}).get(name) or {}
+            if prev.get("status") == "ran":
+                rec["counts"], rec["counts_from"] = prev.get("counts"), producer
+        return rec
+
+    def version(self, table: str) -> int | None:
+        tables = self.m.get("tables") or {}
+        if table in tables:
+            return tables[table]
+        for rec in (self.m.get("stages") or {}).values():
+            if table in (rec.get("versions") or {}):
+                return rec["versions"][table]
+        return None
+
+    def table(self, name: str) -> DeltaTable | None:
+        """Table ``name`` at the version this run recorded (the latest, noted, if that is gone)."""
+        from deltalake import DeltaTable
+        from deltalake.exceptions import DeltaError
+
+        uri = self.lake.table(name)
+        if not DeltaTable.is_deltatable(uri):
+            return None
+        v = self.version(name)
+        if v is None:
+            return DeltaTable(uri)
+        try:
+            return DeltaTable(uri, version=v)
+        except DeltaError:
+            self.notes.append(f"{name}: version {v} is no longer readable (vacuumed?); read the latest instead")
+            return DeltaTable(uri)
+
+
+def _rows(dt: DeltaTable) -> int:
+    """Row count from the Delta log's file statistics, without reading data when they are there."""
+    import pyarrow as pa
+
+    acts = pa.table(dt.get_add_actions(flatten=True))
+    if acts.num_rows == 0:
+        return 0
+    if "num_records" in acts.column_names and acts.column("num_records").null_count == 0:
+        return int(acts.column("num_records").to_numpy().sum())
+    return int(dt.to_pyarrow_dataset().count_rows())
+
+
+def _value_counts(dt: DeltaTable, column: str) -> dict[Any, int]:
+    """Counts of each value of one column, streamed batch by batch (memory: one entry per value)."""
+    import pyarrow.compute as pc
+
+    counts: dict[Any, int] = {}
+    for batch in dt.to_pyarrow_dataset().to_batches(columns=[column]):
+        vc = pc.value_counts(batch.column(0))
+        for v, n in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True):
+            counts[v] = counts.get(v, 0) + n
+    return counts
+
+
+def _snippets(docs: DeltaTable | None, ids: set[str]) -> dict[str, str]:
+    """The first ``SNIPPET_CHARS`` characters of the documents ``ids`` (a filtered scan, not a load)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    if docs is None or not ids:
+        return {}
+    scan = docs.to_pyarrow_dataset().scanner(
+        columns={"id": ds.field("id"), "snippet": pc.utf8_slice_codeunits(ds.field("text"), 0, SNIPPET_CHARS)},
+        filter=ds.field("id").isin(sorted(ids)))
+    return {r["id"]: r["snippet"] or "" for r in scan.to_table().to_pylist()}
+
+
+def _accounting(run: _Run) -> dict[str, Any]:
+    counts = run.stage("ingest").get("counts") or {}
+    dts = {t: run.table(t) for t in ("docs", "duplicates", "quarantine")}
+    tables = {t: _rows(dt) for t, dt in dts.items() if dt is not None}
+    if "read" in counts:
+        acc = {k: counts[k] for k in ("read", "accepted", "duplicates", "quarantined")}
+        acc["quarantined_by_reason"] = dict(counts.get("quarantined_by_reason") or {})
+        acc["source"] = f"manifest of run {run.stage('ingest')['counts_from']}"
+    elif len(tables) == 3:
+        quarantine = dts["quarantine"]
+        assert quarantine is not None
+        reasons = {str(k): v for k, v in sorted(_value_counts(quarantine, "reason").items(), key=lambda kv: str(kv[0]))}
+        acc = {"accepted": tables["docs"], "duplicates": tables["duplicates"], "quarantined": tables["quarantine"],
+               "quarantined_by_reason": reasons, "source": "committed tables (no manifest recorded ingest's counts)"}
+        acc["read"] = acc["accepted"] + acc["duplicates"] + acc["quarantined"]
+        run.notes.append("input accounting: ingest's counts are in no manifest; counted from the committed tables")
+    else:
+        return {"available": False}
+    acc["available"] = True
+    acc["balanced"] = acc["read"] == acc["accepted"] + acc["duplicates"] + acc["quarantined"]
+    acc["tables"] = tables
+    acc["matches_tables"] = tables == {"docs": acc["accepted"], "duplicates": acc["duplicates"],
+                                       "quarantine": acc["quarantined"]}
+    return acc
+
+
+def _histogram(run: _Run, sample: dict[str, Any], n_docs: int) -> tuple[dict[str, int] | None, str | None]:
+    """Documents drawn 0..clip times: from the manifest, else from the plan's ``draw`` column.
+
+    A document drawn j times has plan rows with draw = 0..j-1, so the rows with draw = d count the
+    documents drawn more than d times: O(clip) counters, no per-document state."""
+    if sample.get("draws_per_doc_histogram"):
+        return {str(k): int(v) for k, v in sample["draws_per_doc_histogram"].items()}, "manifest"
+    plan = run.table("sample_plan")
+    if plan is None:
+        return None, None
+    more_than = _value_counts(plan, "draw")
+    top = max(more_than, default=-1)
+    hist = {0: n_docs - more_than.get(0, 0)}
+    for j in range(1, top + 2):
+        hist[j] = more_than.get(j - 1, 0) - more_than.get(j, 0)
+    return {str(k): v for k, v in hist.items()}, "sample_plan table (draw column)"
+
+
+def _shares(counts: dict[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {k: (v / total if total else 0.0) for k, v in counts.items()}
+
+
+def _clusters(run: _Run, cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+    stats = run.table("cluster_stats")
+    min_share = float((cfg.get("stats") or {}).get("min_share", 0.007))
+    clip = sample.get("clip", (cfg.get("sample") or {}).get("clip"))
+    if stats is None:
+        return {"available": False, "min_share": min_share, "rows": []}
+    rows = sorted(stats.to_pyarrow_table().to_pylist(), key=lambda r: r["cluster_id"])  # K rows
+    draws = {int(k): int(v) for k, v in (sample.get("draws_per_cluster") or {}).items()}
+    n_draws = sum(draws.values())
+    ids: set[str] = set()
+    for r in rows:
+        ex = list(r.get("exemplar_ids") or [])
+        ids.update(ex if r.get("below_threshold") else ex[:1])
+    snippets = _snippets(run.table("docs"), ids)
+    out = []
+    for r in rows:
+        cid, n = int(r["cluster_id"]), int(r["n_docs"])
+        d = draws.get(cid)
+        out.append({
+            "cluster_id": cid, "n_docs": n, "n_tokens": int(r["n_tokens"]), "share": float(r["share"]),
+            "below_threshold": bool(r["below_threshold"]), "domains": dict(r.get("domains") or []),
+            "quality_mean": r.get("quality_mean"), "quality_q10_50_90": r.get("quality_q10_50_90"),
+            "n_with_quality": r.get("n_with_quality"), "score_mean": r.get("score_mean"),
+            "sample_draws": d, "sample_share": (d / n_draws if n_draws and d is not None else None),
+            "at_clip": bool(d is not None and clip is not None and n > 0 and d >= clip * n),
+            "blend_weight": None,
+            "exemplars": [{"id": i, "snippet": snippets.get(i)} for i in (r.get("exemplar_ids") or [])
+                          if i in snippets],
+        })
+    return {"available": True, "k": len(out), "min_share": min_share, "rows": out}
+
+
+def _blend(run: _Run, cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+    counts = run.stage("blend").get("counts") or {}
+    mode = counts.get("mode") or (cfg.get("blend") or {}).get("mode")
+    per_domain = {d: int(v["draws"]) for d, v in (counts.get("draws_by_domain") or {}).items()}
+    per_cluster: dict[str, int] = {}
+    if counts.get("from") == "sample_plan" and sample.get("draws_per_cluster"):
+        per_cluster = {str(k): int(v) for k, v in sample["draws_per_cluster"].items()}
+    elif (blended := run.table("blended")) is not None:
+        per_cluster = {str(k): v for k, v in sorted(_value_counts(blended, "cluster_id").items())}
+    return {"mode": mode, "mixture_path": (cfg.get("blend") or {}).get("mixture_path"),
+            "draws": sum(per_cluster.values()) or None, "draws_per_cluster": per_cluster,
+            "weights_per_cluster": _shares(per_cluster), "draws_by_domain": counts.get("draws_by_domain") or {},
+            "weights_per_domain": _shares(per_domain)}
+
+
+def _search(run: _Run) -> dict[str, Any]:
+    dt = run.table("mixtures")
+    if dt is None:
+        return {"ran": False, "note": NO_SEARCH}
+    names = {f.name for f in dt.schema().fields}
+    it_col = next((c for c in ("iteration", "round") if c in names), None)
+    if it_col is None or "score" not in names:
+        return {"ran": True, "iterations": [], "note": "the mixtures table has no iteration/score columns"}
+    rows = dt.to_pyarrow_table(columns=[it_col, "score"]).to_pylist()  # one row per proxy model trained
+    by_it: dict[int, list[float]] = {}
+    for r in rows:
+        if r["score"] is not None:
+            by_it.setdefault(int(r[it_col]), []).append(float(r["score"]))
+    its = [{"iteration": i, "mixtures": len(s), "best": max(s), "mean": sum(s) / len(s)} for i, s in sorted(by_it.items())]
+    return {"ran": True, "mixtures": len(rows), "iterations": its,
+            "best_score": max((i["best"] for i in its), default=None)}
+
+
+def _stage_rows(run: _Run) -> list[dict[str, Any]]:
+    from clustermix.pipeline import STAGES
+
+    names = [s for s in STAGES if s in run.m.get("stages", {})]
+    names += [s for s in run.m.get("stages", {}) if s not in names]
+    out = []
+    for s in names:
+        rec = run.stage(s)
+        inputs = dict(rec.get("inputs") or {})
+        if isinstance(inputs.get("input"), dict):  # the raw file listing can be huge: keep its size
+            inputs["input_files"] = len(inputs.pop("input").get("files") or {})
+        out.append({"stage": s, "status": rec.get("status"), "seconds": rec.get("seconds", 0.0),
+                    "inputs": inputs, "outputs": rec.get("versions") or {},
+                    "written_by_run": rec.get("written_by_run"), "counts_from": rec.get("counts_from")})
+    return out
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN and infinities (Spark's avg over no values) become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
+    """Gather the report's figures for run ``run_id`` (None: the newest run) as a JSON-able dict."""
+    lake = Lake(lake_root)
+    if run_id is None:
+        ids = _run_ids(lake)
+        if not ids:
+            raise DataError(f"no runs under {lake.root}/runs: run `clustermix run` first")
+        run_id = ids[-1]
+    manifest = _manifest(lake, run_id)
+    if manifest is None:
+        raise DataError(f"no readable manifest for run {run_id!r} under {lake.root}/runs")
+    run = _Run(lake, manifest)
+    if manifest.get("outcome") != "succeeded":
+        run.notes.append(f"this run's outcome is {manifest.get('outcome')!r}: the figures show the tables as "
+                         "they stood when it ended, some possibly from earlier runs")
+    cfg = manifest.get("config") or {}
+    sample = dict(run.stage("sample").get("counts") or {})
+    clusters = _clusters(run, cfg, sample)
+    blend = _blend(run, cfg, sample)
+    for r in clusters["rows"]:
+        r["blend_weight"] = blend["weights_per_cluster"].get(str(r["cluster_id"]))
+    before: dict[str, int] = {}
+    for r in clusters["rows"]:
+        for d, n in r["domains"].items():
+            before[d] = before.get(d, 0) + int(n)
+    after = {d: int(v["draws"]) for d, v in blend["draws_by_domain"].items()}
+    n_assigned = sum(r["n_docs"] for r in clusters["rows"])
+    hist, hist_from = _histogram(run, sample, n_assigned) if clusters["rows"] else (None, None)
+    if hist_from and hist_from != "manifest":
+        run.notes.append(f"draws per document: not in the manifest; counted from the {hist_from}")
+    with_q = [r for r in clusters["rows"] if r.get("n_with_quality")]
+    rep = {
+        "schema": SCHEMA,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": {k: manifest.get(k) for k in ("run_id", "outcome", "error", "started_at", "finished_at", "lake_root")},
+        "code_version": {"run": manifest.get("clustermix_version"), "report": __version__},
+        "accounting": _accounting(run),
+        "clusters": clusters,
+        "under_represented": {
+            "below_threshold": [r["cluster_id"] for r in clusters["rows"] if r["below_threshold"]],
+            "at_clip": [r["cluster_id"] for r in clusters["rows"] if r["at_clip"]],
+        },
+        "domains": {"before": before, "after": after, "share_before": _shares(before), "share_after": _shares(after)},
+        "sample": {**{k: sample.get(k) for k in ("unit", "budget", "clip", "cap", "draws", "shortfall",
+                                                 "clusters_at_clip", "order", "lambda", "shares_before",
+                                                 "shares_after")},
+                   "draws_per_doc_histogram": hist, "histogram_from": hist_from,
+                   "max_draws_per_doc": max((int(k) for k, v in (hist or {}).items() if v), default=None)},
+        "blend": blend,
+        "quality": {"available": bool(with_q), "clusters_with_quality": len(with_q),
+                    "docs_with_quality": sum(int(r["n_with_quality"]) for r in with_q)},
+        "search": _search(run),
+        "stages": _stage_rows(run),
+        "tables": {t: run.version(t) for t in (manifest.get("tables") or {})},
+        "config": cfg,
+        "notes": run.notes,
+    }
+    return _clean(rep)
+
+
+def _write(uri: str, body: bytes) -> None:
+    """Write via a temporary file and a move, so a reader never sees half a report."""
+    filesystem, path = _fs(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path + ".tmp") as fh:
+        fh.write(body)
+    filesystem.move(path + ".tmp", path)
+
+
+def write_report(lake_root: str, run_id: str | None = None) -> tuple[str, str]:
+    """Write ``report.json`` and ``report.html`` into the run's folder; return their URIs (json, html)."""
+    from clustermix.report_html import render
+    from clustermix.report_plots import render_all
+
+    rep = build_report(lake_root, run_id)
+    figures = render_all(rep)
+    rep["figures"] = sorted(figures)
+    run_dir = Lake(lake_root).run_dir(rep["run"]["run_id"])
+    json_uri, html_uri = f"{run_dir}/report.json", f"{run_dir}/report.html"
+    _write(json_uri, json.dumps(rep, indent=2, allow_nan=False).encode())
+    _write(html_uri, render(rep, figures).encode())
+    return json_uri, html_uri

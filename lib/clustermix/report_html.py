@@ -1,0 +1,263 @@
+"""The report as one self-contained HTML page: inline CSS, figures as data: URIs, no scripts.
+
+Every string that comes from data (domain names, document text, ids, config values, errors) goes
+through :func:`html.escape`; only numbers formatted here and fixed wording are written raw.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:1.5em auto;
+  padding:0 1em;color:#222;background:#fff}
+h1{font-size:1.7em;margin:.2em 0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+h3{font-size:1.05em;margin-bottom:.3em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+th,td{border:1px solid #ddd;padding:.25em .55em;text-align:left;vertical-align:top}
+th{background:#f4f6f8}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+img{max-width:100%;height:auto;display:block;margin:.8em 0}
+.ok{color:#137333;font-weight:600}.bad{color:#b3261e;font-weight:600}.muted{color:#666}
+.advice{background:#fff8e1;border-left:4px solid #f9a825;padding:.5em 1em;margin:.8em 0}
+.snip{font-size:.85em;color:#444;white-space:pre-wrap}
+pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.82em}
+nav a{margin-right:.9em}summary{cursor:pointer;color:#1a5fb4}ul.glance li{margin:.15em 0}
+"""
+
+MODES = {
+    "clusterclip": "ClusterClip: every cluster gets an equal share of the budget, capped at clip × its size.",
+    "proportional": "proportional: configured domain weights spread over the clusters that hold each domain.",
+    "quality": "quality-weighted: equal cluster shares scaled by mean cluster quality^alpha.",
+    "mixture": "mixture: weights per cluster from a mixture file (the search stage's best mixture).",
+}
+
+
+def _e(v: Any) -> str:
+    return "—" if v is None else escape(str(v))
+
+
+def _n(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else _e(v)
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}%"
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: tuple[int, ...] = ()) -> str:
+    """A table of cells already escaped or formatted; columns in ``numeric`` align right."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>"
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(figs: dict[str, str], name: str, alt: str) -> str:
+    if name not in figs:
+        return ""
+    return f'<img src="data:image/png;base64,{figs[name]}" alt="{escape(alt)}">'
+
+
+def _ok(flag: bool) -> str:
+    return '<span class="ok">✓ holds</span>' if flag else '<span class="bad">✗ does not hold</span>'
+
+
+def _glance(rep: dict[str, Any]) -> str:
+    acc, sa, cl, se = rep["accounting"], rep["sample"], rep["clusters"], rep["search"]
+    items = []
+    if acc.get("available"):
+        items.append(f"Input: {_n(acc['read'])} records read, {_n(acc['accepted'])} accepted, "
+                     f"{_n(acc['duplicates'])} duplicates, {_n(acc['quarantined'])} quarantined; "
+                     f"read = accepted + duplicates + quarantined {_ok(acc['balanced'])}")
+    if cl.get("available"):
+        under = rep["under_represented"]
+        items.append(f"Clusters: k = {cl['k']}; {len(under['below_threshold'])} below the "
+                     f"{_pct(cl['min_share'])} threshold; {len(under['at_clip'])} at the clip")
+    before, after = sa.get("shares_before") or {}, sa.get("shares_after") or {}
+    if sa.get("draws") is not None:
+        items.append(f"Sample: {_n(sa['draws'])} draws for a budget of {_n(sa['budget'])} {_e(sa['unit'])} "
+                     f"(shortfall {_n(sa['shortfall'])}), clip {_n(sa['clip'])}, most draws of one document "
+                     f"{_n(sa['max_draws_per_doc'])}; cluster-share Gini {_n(before.get('gini'), 3)} → "
+                     f"{_n(after.get('gini'), 3)}, normalised entropy {_n(before.get('entropy_normalised'), 3)} → "
+                     f"{_n(after.get('entropy_normalised'), 3)}")
+    items.append(f"Blend: {_e(rep['blend'].get('mode'))}; mixture search: {'ran' if se['ran'] else 'did not run'}")
+    return '<ul class="glance">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _accounting(acc: dict[str, Any]) -> str:
+    if not acc.get("available"):
+        return "<p>Ingest did not finish in this run or any run it reused: no input accounting.</p>"
+    rows = [["read", _n(acc["read"])], ["accepted", _n(acc["accepted"])], ["duplicates", _n(acc["duplicates"])],
+            ["quarantined", _n(acc["quarantined"])]]
+    rows += [[f"&nbsp;&nbsp;quarantined: {_e(r)}", _n(c)] for r, c in acc["quarantined_by_reason"].items()]
+    return (_table(["records", "count"], rows, (1,))
+            + f"<p>read = accepted + duplicates + quarantined {_ok(acc['balanced'])}; the committed tables hold "
+            f"{_n(acc['tables'].get('docs'))} docs, {_n(acc['tables'].get('duplicates'))} duplicates and "
+            f"{_n(acc['tables'].get('quarantine'))} quarantined records {_ok(acc['matches_tables'])}. "
+            f'<span class="muted">Source: {_e(acc["source"])}.</span></p>')
+
+
+def _top_domains(domains: dict[str, int], n: int = 3) -> str:
+    top = sorted(domains.items(), key=lambda kv: -kv[1])[:n]
+    return escape(", ".join(f"{d} {c}" for d, c in top))
+
+
+def _clusters(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    cl = rep["clusters"]
+    if not cl.get("available"):
+        return "<p>The stats stage has not written cluster_stats for this run: no cluster figures.</p>"
+    rows = []
+    for r in cl["rows"]:
+        flags = ", ".join(f for f, on in (("below threshold", r["below_threshold"]), ("at clip", r["at_clip"])) if on)
+        snip = " ".join(r["exemplars"][0]["snippet"].split())[:160] + "…" if r["exemplars"] else ""
+        rows.append([str(r["cluster_id"]), _n(r["n_docs"]), _pct(r["share"]), _n(r["sample_draws"]),
+                     _pct(r["sample_share"]), _pct(r["blend_weight"]), _top_domains(r["domains"]),
+                     _n(r["score_mean"], 3), _n(r["quality_mean"], 3), escape(flags),
+                     f'<span class="snip">{escape(snip)}</span>'])
+    # K rows can run to hundreds on a cluster: folded, so the figures below stay in view
+    return (_img(figs, "cluster_sizes", "cluster shares before and after sampling")
+            + f"<details><summary>Every cluster: size, draws, weight, domains, exemplar ({len(rows)} rows)</summary>"
+            + _table(["cluster", "docs", "share", "draws", "sample share", "blend weight", "top domains",
+                      "cohesion", "quality", "flags", "exemplar"], rows, (1, 2, 3, 4, 5, 7, 8)) + "</details>")
+
+
+def _under(rep: dict[str, Any]) -> str:
+    cl, under, clip = rep["clusters"], rep["under_represented"], rep["sample"].get("clip")
+    if not cl.get("available"):
+        return "<p>No cluster statistics.</p>"
+    by_id = {r["cluster_id"]: r for r in cl["rows"]}
+    parts = []
+    if under["below_threshold"]:
+        parts.append(f'<div class="advice"><b>Source more data for these {len(under["below_threshold"])} '
+                     f"cluster(s).</b> Each holds less than {_pct(cl['min_share'])} of the documents. Sampling "
+                     f"raises their share by repeating their documents (up to {_n(clip)} times), which risks "
+                     "memorising them; more documents like the exemplars below would represent these topics "
+                     "without repetition.</div>")
+        for cid in under["below_threshold"]:
+            r = by_id[cid]
+            parts.append(f"<h3>Cluster {cid}: {_n(r['n_docs'])} documents ({_pct(r['share'])}), "
+                         f"{_top_domains(r['domains'])}</h3><ul>"
+                         + "".join(f'<li><code>{_e(x["id"])}</code> <span class="snip">{_e(x["snippet"])}</span></li>'
+                                   for x in r["exemplars"]) + "</ul>")
+    else:
+        parts.append(f"<p>No cluster is below the representation threshold of {_pct(cl['min_share'])}.</p>")
+    if under["at_clip"]:
+        parts.append(f'<div class="advice">{len(under["at_clip"])} cluster(s) reached the clip: every document '
+                     f"is drawn {_n(clip)} times and they still get less than an equal share of the mix "
+                     f"(clusters {escape(', '.join(str(c) for c in under['at_clip']))}). More data for them would "
+                     "close the gap.</div>")
+    return "".join(parts)
+
+
+def _domains(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    dom = rep["domains"]
+    names = sorted(set(dom["before"]) | set(dom["after"]), key=lambda d: -dom["before"].get(d, 0))
+    if not names:
+        return "<p>No domain figures for this run.</p>"
+    rows = [[_e(d), _n(dom["before"].get(d, 0)), _pct(dom["share_before"].get(d)), _n(dom["after"].get(d, 0)),
+             _pct(dom["share_after"].get(d))] for d in names]
+    return (_img(figs, "domain_shares", "domain shares before and after")
+            + _table(["domain", "docs", "share before", "draws in the mix", "share after"], rows, (1, 2, 3, 4)))
+
+
+def _draws(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    sa = rep["sample"]
+    hist = sa.get("draws_per_doc_histogram")
+    if not hist:
+        return "<p>No draws-per-document figures: the sample stage has not run.</p>"
+    rows = [[escape(k), _n(v)] for k, v in sorted(hist.items(), key=lambda kv: int(kv[0]))]
+    return (_img(figs, "draws_per_doc", "histogram of draws per document")
+            + f"<p>Clip: {_n(sa['clip'])}; the most draws of any document: {_n(sa['max_draws_per_doc'])} "
+            f'<span class="muted">(source: {_e(sa["histogram_from"])})</span>.</p>'
+            + _table(["draws", "documents"], rows, (0, 1)))
+
+
+def _blend(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    bl = rep["blend"]
+    rows = [[_e(d), _n(int(v["draws"])), _n(int(v.get("tokens") or 0)), _pct(bl["weights_per_domain"].get(d))]
+            for d, v in bl["draws_by_domain"].items()]
+    path = f" File: <code>{_e(bl['mixture_path'])}</code>." if bl.get("mixture_path") else ""
+    return (f"<p>Mode: <b>{_e(bl.get('mode'))}</b> — {escape(MODES.get(str(bl.get('mode')), ''))}{path} "
+            f"{_n(bl.get('draws'))} rows in <code>blended</code>; weight per cluster in the cluster table.</p>"
+            + _img(figs, "blend_weights", "final weights per cluster and domain")
+            + _table(["domain", "draws", "tokens", "weight"], rows, (1, 2, 3)))
+
+
+def _quality(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    q = rep["quality"]
+    text = (f"<p>{_n(q['docs_with_quality'])} documents in {q['clusters_with_quality']} clusters carry a quality "
+            "value: per cluster, the 10th to 90th percentile and the median.</p>" if q["available"] else
+            "<p>No document carries a quality value (<code>input.quality_field</code>), so there is no quality "
+            "distribution to show and a quality-weighted blend would have nothing to weigh.</p>")
+    return text + ("<p>Cohesion: the mean cosine similarity of a cluster's documents to its centroid; a low "
+                   "value marks a loose, mixed cluster.</p>") + _img(figs, "quality", "quality and cohesion per cluster")
+
+
+def _search(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    se = rep["search"]
+    if not se["ran"]:
+        return f"<p>{escape(se['note'])}</p>"
+    rows = [[str(i["iteration"]), _n(i["mixtures"]), _n(i["best"], 4), _n(i["mean"], 4)] for i in se["iterations"]]
+    note = f"<p>{escape(se['note'])}</p>" if se.get("note") else ""
+    return (note + _img(figs, "search", "mixture search progress")
+            + _table(["iteration", "mixtures", "best score", "mean score"], rows, (0, 1, 2, 3)))
+
+
+def _versions(d: dict[str, Any], tables: dict[str, Any]) -> str:
+    """``table@version`` for tables; other inputs (the raw corpus) as ``key: value``."""
+    return escape(", ".join(f"{k}@{v}" if k in tables else f"{k}: {v}" for k, v in d.items()))
+
+
+def _run(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    import yaml
+
+    rows = [[_e(s["stage"]), _e(s["status"]), _n(s.get("seconds"), 2), _versions(s["inputs"], rep["tables"]),
+             _versions(s["outputs"], rep["tables"]), _e(s.get("written_by_run") or (rep["run"]["run_id"] if s["status"] == "ran"
+                                                                       else None))] for s in rep["stages"]]
+    tables = [[_e(t), _n(v)] for t, v in rep["tables"].items()]
+    notes = "".join(f"<li>{escape(n)}</li>" for n in rep["notes"])
+    code = rep["code_version"]
+    return (_table(["stage", "status", "seconds", "read (table@version)", "wrote (table@version)", "written by run"],
+                   rows, (2,))
+            + _img(figs, "stage_times", "time per stage")
+            + f"<p>Code: clustermix {_e(code['run'])} ran the pipeline; clustermix {_e(code['report'])} wrote this "
+            f"report at {_e(rep['generated_at'])}.</p>"
+            + "<h3>Delta table versions at the end of the run</h3>" + _table(["table", "version"], tables, (1,))
+            + (f"<h3>Notes</h3><ul>{notes}</ul>" if notes else "")
+            + "<h3>Config</h3><pre>" + escape(yaml.safe_dump(rep["config"], sort_keys=False)) + "</pre>")
+
+
+SECTIONS = (
+    ("accounting", "Input accounting"), ("clusters", "Clusters before and after sampling"),
+    ("under", "Under-represented clusters"), ("domains", "Domains before and after"),
+    ("draws", "Draws per document"), ("blend", "Blend: the final mix"), ("quality", "Quality"),
+    ("search", "Mixture search"), ("run", "Run: stages, versions, config"),
+)
+
+
+def render(rep: dict[str, Any], figs: dict[str, str]) -> str:
+    """The whole page for report dict ``rep`` and base64 PNG figures ``figs``."""
+    run = rep["run"]
+    body = {
+        "accounting": _accounting(rep["accounting"]), "clusters": _clusters(rep, figs), "under": _under(rep),
+        "domains": _domains(rep, figs), "draws": _draws(rep, figs), "blend": _blend(rep, figs),
+        "quality": _quality(rep, figs), "search": _search(rep, figs), "run": _run(rep, figs),
+    }
+    outcome_cls = "ok" if run.get("outcome") == "succeeded" else "bad"
+    error = f'<p class="bad">Error: {_e(run["error"])}</p>' if run.get("error") else ""
+    nav = "".join(f'<a href="#{k}">{escape(t)}</a>' for k, t in SECTIONS)
+    sections = "".join(f'<section id="{k}"><h2>{escape(t)}</h2>{body[k]}</section>' for k, t in SECTIONS)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<link rel="icon" href="data:,"><title>clustermix report {_e(run["run_id"])}</title>'
+        f"<style>{CSS}</style></head><body>"
+        f"<h1>clustermix curation report</h1>"
+        f'<p class="muted">run <code>{_e(run["run_id"])}</code> · <span class="{outcome_cls}">{_e(run.get("outcome"))}'
+        f'</span> · started {_e(run.get("started_at"))} · finished {_e(run.get("finished_at"))} · lake '
+        f'<code>{_e(run.get("lake_root"))}</code></p>{error}'
+        f"<h2>At a glance</h2>{_glance(rep)}<nav>{nav}</nav>{sections}</body></html>\n"
+    )

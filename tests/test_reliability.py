@@ -1,0 +1,210 @@
+"""Reliability: fuzzed input, a busy lake, a driver killed mid-run, Ray actors killed mid-stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from clustermix import lake as lk
+from clustermix.errors import LakeBusyError
+from clustermix.pipeline import STAGES, run_stages
+
+from .conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mutate(line: str, rng: random.Random) -> bytes:
+    """One random corruption of a valid JSON line (bytes, since some are not valid UTF-8)."""
+    b = bytearray(line.encode())
+    op = rng.randrange(8)
+    if op == 0 and b:
+        del b[rng.randrange(len(b)) :]  # truncate
+    elif op == 1:
+        b.insert(rng.randrange(len(b) + 1), rng.randrange(256))  # a random byte anywhere
+    elif op == 2 and b:
+        b[rng.randrange(len(b))] = rng.choice(b'{}[]":,\\\x00\xff')  # a structural character
+    elif op == 3:
+        b = bytearray(line.replace('"text"', rng.choice(['"txt"', '"text"', '"TEXT"'])).encode())
+    elif op == 4:
+        b = bytearray(json.dumps(rng.choice([None, 1, "s", [], {"text": None}, {"text": 3.5}])).encode())
+    elif op == 5:
+        b = bytearray(line.replace('"quality": 0.5', rng.choice(['"quality": "x"', '"quality": null', '"quality": 1e309'])).encode())
+    elif op == 6:
+        b = b"\xef\xbb\xbf" + b + b"\r"
+    else:
+        b = b + rng.choice([b"", b" ", b"\t"])
+    return bytes(b)
+
+
+def test_fuzzed_input_never_crashes_and_every_record_is_accounted(tmp_path, spark):
+    rng = random.Random(20261123)
+    base = [json.dumps({"id": f"f{i}", "text": f"fuzz text {i} " * rng.randint(1, 5), "quality": 0.5})
+            for i in range(60)]
+    lines = [_mutate(rng.choice(base), rng) for _ in range(400)] + [b.encode() for b in base]
+    src = tmp_path / "fuzz.jsonl"
+    src.write_bytes(b"\n".join(ln.replace(b"\n", b" ") for ln in lines) + b"\n")
+    non_blank = sum(1 for ln in src.read_bytes().split(b"\n") if ln.strip(b" \t\r\xef\xbb\xbf"))
+    run = run_stages(make_config(tmp_path / "lake", str(src)), ("ingest",), spark=spark)
+    c = run.manifest["stages"]["ingest"]["counts"]
+    assert c["read"] == c["accepted"] + c["duplicates"] + c["quarantined"]
+    assert c["read"] == non_blank
+    assert c["accepted"] >= 60 and c["quarantined"] > 50
+    reasons = lk.read(spark, run.lake, "quarantine").select("reason").distinct().collect()
+    assert {r["reason"] for r in reasons} <= {
+        "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string", "blank_text",
+        "nul_in_text", "too_long", "bad_id", "quality_not_a_number", "duplicate_id"}
+
+
+def test_a_second_run_on_a_busy_lake_refuses_and_writes_nothing(tmp_path, spark):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n')
+    cfg = make_config(tmp_path / "lake", str(src))
+    holder = lk.LakeLock(lk.Lake(cfg.lake.root), "other-run", 3600)
+    holder.acquire()  # held by this (live) process under another run id
+    try:
+        with pytest.raises(LakeBusyError, match="in use by run other-run"):
+            run_stages(cfg, ("ingest",), spark=spark)
+        assert lk.version(str(tmp_path / "lake" / "docs")) is None
+    finally:
+        holder.release()
+    # a lock left by a dead process is stale: the next run takes it over
+    (tmp_path / "lake" / "_lock.json").write_text(json.dumps(
+        {"run_id": "dead", "pid": 2**22 + 12345, "host": os.uname().nodename, "time": time.time()}))
+    run = run_stages(cfg, ("ingest",), spark=spark)
+    assert run.manifest["outcome"] == "succeeded"
+    assert not (tmp_path / "lake" / "_lock.json").exists()
+
+
+def _kill_tree(proc: psutil.Process) -> None:
+    procs = [proc, *proc.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_stage_then_rerun_finishes_with_identical_tables(tmp_path, spark, ray_local, pipeline):
+    cfg, reference = pipeline
+    lake_root = tmp_path / "lake"
+    conf = cfg.to_dict()
+    conf["lake"]["root"] = str(lake_root)
+    cfg_path = tmp_path / "conf.yaml"
+    cfg_path.write_text(yaml.safe_dump(conf))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib")}
+    proc = subprocess.Popen([sys.executable, "-m", "clustermix.cli", "run", "--config", str(cfg_path), "-q"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ps = psutil.Process(proc.pid)
+    killed_during = None
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            for m in (lake_root / "runs").glob("*/manifest.json") if (lake_root / "runs").exists() else []:
+                try:
+                    stages = json.loads(m.read_text())["stages"]
+                except (ValueError, OSError):
+                    continue
+                if stages.get("stats", {}).get("status") == "running":
+                    killed_during = "stats"
+            if killed_during:
+                _kill_tree(ps)
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(ps)
+    assert killed_during == "stats", "the driver was not caught mid-run"
+    # the interrupted stage's table was never committed; the finished ones were
+    assert lk.version(str(lake_root / "cluster_stats")) is None
+    versions = {t: lk.version(str(lake_root / t)) for t in ("docs", "embeddings", "assignments")}
+    assert None not in versions.values()
+    again = run_stages(make_config(lake_root, cfg.input.path), spark=spark)  # the stale lock is taken over
+    status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
+    assert status == {"ingest": "skipped", "embed": "skipped", "cluster": "skipped",
+                      "stats": "ran", "sample": "ran", "blend": "ran"}
+    assert {t: lk.version(str(lake_root / t)) for t in versions} == versions
+
+    def content(root: str) -> list[tuple]:
+        rows = lk.read(spark, lk.Lake(root), "blended").select("id", "cluster_id", "draw", "position").collect()
+        return sorted(tuple(r) for r in rows)
+
+    assert content(str(lake_root)) == content(reference.lake.root)
+
+
+def _kill_worker_when_busy(marker: str, cpu_seconds: float, out: dict) -> threading.Thread:
+    """Kill -9 the first Ray worker whose title contains ``marker`` once it used ``cpu_seconds``."""
+    def watch() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and "pid" not in out:
+            for p in psutil.process_iter(["cmdline"]):
+                try:
+                    title = " ".join(p.info["cmdline"] or [])
+                    if marker in title and sum(p.cpu_times()[:2]) >= cpu_seconds:
+                        p.send_signal(signal.SIGKILL)
+                        out["pid"] = p.pid
+                        return
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            time.sleep(0.1)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.slow
+def test_embed_actor_killed_mid_run_loses_and_duplicates_nothing(tmp_path, spark, ray_local, bbc_slice):
+    records = [json.loads(x) for x in bbc_slice.read_text().splitlines()][:40]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = make_config(tmp_path / "lake", str(src), embed={"batch_size": 4})
+    out: dict = {}
+    watcher = _kill_worker_when_busy("Embedder", 6.0, out)
+    run = run_stages(cfg, ("ingest", "embed"), spark=spark)
+    watcher.join(timeout=1)
+    assert "pid" in out, "no embedding actor was killed"
+    rows = lk.read(spark, run.lake, "embeddings").collect()
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in records)
+    from sentence_transformers import SentenceTransformer
+
+    from clustermix.models import resolve_model
+
+    ref = SentenceTransformer(resolve_model("all-MiniLM-L6-v2"), device="cpu").encode(
+        [r["text"] for r in records[:5]], normalize_embeddings=True)
+    got = {r["id"]: np.array(r["embedding"]) for r in rows}
+    for rec, v in zip(records[:5], ref):
+        assert float(got[rec["id"]] @ v) >= 0.999
+
+
+def test_kmeans_actor_killed_mid_fit_gives_the_same_result(ray_local):
+    from clustermix.cluster import distributed_kmeans
+    from clustermix.config import ClusterConfig
+
+    from .test_kmeans import _dataset, blobs
+
+    x = blobs(20000, 64, 10, seed=9)
+    cfg = ClusterConfig(k=10, niter=60, tol=0.0, seed=3, num_shards=2, cpus_per_shard=0.25)
+    clean = distributed_kmeans(_dataset(x), cfg)
+    out: dict = {}
+    watcher = _kill_worker_when_busy("ShardActor", 1.5, out)
+    hit = distributed_kmeans(_dataset(x), cfg)
+    watcher.join(timeout=1)
+    assert "pid" in out, "no shard actor was killed"
+    assert hit.attempts == 2
+    assert np.array_equal(clean.fit.centroids, hit.fit.centroids)
