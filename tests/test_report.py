@@ -111,8 +111,11 @@ def test_below_threshold_cluster_gets_exemplars_and_advice(tiny_lake):
     # every cluster's first exemplar is looked up, and only those: d1 is cluster 0's second
     assert [x["id"] for x in rep["clusters"]["rows"][0]["exemplars"]] == ["d0"]
     assert rare["at_clip"] and rep["under_represented"]["at_clip"] == [1]  # 3 draws = clip 3 x 1 doc
-    _, html_uri = write_report(str(tiny_lake), "20260101T000000Z-aaaaaa")
+    json_uri, html_uri = write_report(str(tiny_lake), "20260101T000000Z-aaaaaa")
     assert "Source more data for these 1 cluster(s)" in Path(html_uri).read_text()
+    written = json.loads(Path(json_uri).read_text())
+    assert written["quality"] == {"available": True, "clusters_with_quality": 2, "docs_with_quality": 10}
+    assert {"quality", "cluster_sizes", "draws_per_doc"} <= set(written["figures"])
 
 
 def test_newest_run_is_the_default_and_unknown_runs_fail(tiny_lake):
@@ -153,16 +156,198 @@ def test_search_progress_from_a_mixtures_table(tiny_lake):
 def test_draws_histogram_from_the_plan_when_the_manifest_lacks_it(tiny_lake):
     import pyarrow as pa
 
-    # d0 drawn 3 times, d1..d8 once, rare twice, d9 never: the plan's draw column alone says so
-    ids = ["d0"] * 3 + [f"d{i}" for i in range(1, 9)] + ["rare"] * 2
-    draws = [0, 1, 2] + [0] * 8 + [0, 1]
+    # d0 drawn 3 times, d1..d7 once, rare twice, d8 never: the plan's draw column alone says so
+    ids = ["d0"] * 3 + [f"d{i}" for i in range(1, 8)] + ["rare"] * 2
+    draws = [0, 1, 2] + [0] * 7 + [0, 1]
     _write_tables(tiny_lake, sample_plan=pa.table({"id": ids, "draw": pa.array(draws, pa.int32())}))
     rid = "20260101T000000Z-aaaaaa"
     m = _manifest(rid)
     del m["stages"]["sample"]["counts"]["draws_per_doc_histogram"]
     (tiny_lake / "runs" / rid / "manifest.json").write_text(json.dumps(m))
-    sample = build_report(str(tiny_lake), rid)["sample"]
-    assert sample["draws_per_doc_histogram"] == {"0": -3, "1": 9, "2": 1, "3": 1} or sample["histogram_from"]
-    # n_docs in cluster_stats is 10: 10 - 13 docs drawn? no: 10 docs, 10 drawn at least once
-    assert sample["draws_per_doc_histogram"] == {"0": 0, "1": 8, "2": 1, "3": 1}
-    assert sample["histogram_from"].startswith("sample_plan") and sample["max_draws_per_doc"] == 3
+    rep = build_report(str(tiny_lake), rid)
+    assert rep["sample"]["draws_per_doc_histogram"] == {"0": 1, "1": 7, "2": 1, "3": 1}
+    assert rep["sample"]["histogram_from"].startswith("sample_plan") and rep["sample"]["max_draws_per_doc"] == 3
+    assert any("draws per document" in n for n in rep["notes"])
+
+
+# --- headless Chromium ------------------------------------------------------------------------
+
+
+def page_errors(log: str) -> list[str]:
+    """The lines of a Chromium log (``--enable-logging=stderr --v=0``) that report a problem with the page.
+
+    Whatever the page causes (a script error, "Uncaught ...", a console.error call, a resource it
+    may not load) Chromium logs as a console message, ``[pid:tid:time:LEVEL:CONSOLE:n] "msg", source:
+    URL (n)``; Chromium 156 logs them all at INFO, so the level is not what tells them apart. All other
+    lines are Chromium's own noise on a headless server (no D-Bus, no GPU or VA-API, sandbox warnings,
+    the Debian launcher's /dev/shm check) and never pass through the page's console. So the filter
+    keeps console lines at any level and any "Uncaught" line, and nothing else;
+    test_page_error_filter_catches_a_broken_page proves it keeps what it must.
+    """
+    return [line for line in log.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+def chromium_screenshot(html: Path, workdir: Path) -> tuple[np.ndarray, str]:
+    """Load ``html`` from disk in headless Chromium; return the screenshot (RGB array) and the log."""
+    from PIL import Image
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("headless Chromium is needed to test the report in a real browser and is not installed; "
+                    f"install Debian's package as root: {INSTALL_CHROMIUM}", pytrace=False)
+    png = workdir / "screenshot.png"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={workdir / 'profile'}", f"--screenshot={png}", "--window-size=1200,3000",
+           "--enable-logging=stderr", "--v=0", html.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, f"chromium exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert png.is_file(), f"chromium wrote no screenshot:\n{proc.stderr[-3000:]}"
+    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16), proc.stdout + proc.stderr
+
+
+def colour_mask(rgb: np.ndarray, hex_colour: str, tol: int = 6) -> np.ndarray:
+    want = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=np.int16)
+    return np.abs(rgb - want).max(axis=2) <= tol
+
+
+def figure_bands(mask: np.ndarray, min_px: int = 10, gap: int = 60) -> int:
+    """Vertical stretches of the screenshot holding a plot colour: roughly, figures on screen."""
+    rows = np.flatnonzero(mask.sum(axis=1) >= min_px)
+    if len(rows) == 0:
+        return 0
+    return 1 + int((np.diff(rows) > gap).sum())
+
+
+def test_page_error_filter_catches_a_broken_page(tmp_path):
+    broken = tmp_path / "broken.html"
+    broken.write_text('<!DOCTYPE html><html><body><p>x</p><script>console.error("boom"); '
+                      "notAFunction();</script></body></html>")
+    rgb, log = chromium_screenshot(broken, tmp_path)
+    errors = page_errors(log)
+    assert any("boom" in e for e in errors) and any("Uncaught ReferenceError" in e for e in errors), log[-3000:]
+    # and the noise a headless server produces on every start is not taken for a page error
+    noise = [line for line in log.splitlines() if "boom" not in line and "Uncaught" not in line]
+    assert noise and page_errors("\n".join(noise)) == []
+    assert rgb.shape[1] == 1200
+
+
+# --- the report of the shared end-to-end run ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def written(pipeline):
+    from deltalake import DeltaTable
+
+    cfg, run = pipeline
+    json_uri, html_uri = write_report(run.lake.root, run.run_id)
+    stats = DeltaTable(run.lake.table("cluster_stats")).to_pyarrow_table().to_pylist()
+    return cfg, run, json.loads(Path(json_uri).read_text()), Path(html_uri), stats
+
+
+@pytest.mark.slow
+def test_report_figures_agree_with_the_manifest_and_tables(written):
+    from clustermix.manifest import read_json
+
+    cfg, run, rep, _, stats = written
+    m = read_json(run.manifest_uri)  # as the report read it: JSON keys are strings
+    assert Path(run.lake.run_dir(run.run_id), "report.json").is_file()
+    assert rep["run"]["run_id"] == run.run_id and rep["run"]["outcome"] == "succeeded"
+    acc, ing = rep["accounting"], m["stages"]["ingest"]["counts"]
+    assert acc["read"] == acc["accepted"] + acc["duplicates"] + acc["quarantined"]
+    assert {k: acc[k] for k in ("read", "accepted", "duplicates", "quarantined", "quarantined_by_reason")} == {
+        k: ing[k] for k in ("read", "accepted", "duplicates", "quarantined", "quarantined_by_reason")}
+    assert acc["balanced"] and acc["matches_tables"] and run.run_id in acc["source"]
+
+    rows = rep["clusters"]["rows"]
+    assert rep["clusters"]["k"] == cfg.cluster.k
+    assert {r["cluster_id"]: r["n_docs"] for r in rows} == {s["cluster_id"]: s["n_docs"] for s in stats}
+    assert sum(r["n_docs"] for r in rows) == acc["accepted"]
+    sample = m["stages"]["sample"]["counts"]
+    assert {str(r["cluster_id"]): r["sample_draws"] for r in rows} == sample["draws_per_cluster"]
+    assert sum(r["sample_draws"] for r in rows) == cfg.sample.budget == rep["blend"]["draws"]
+    assert sum(rep["blend"]["weights_per_cluster"].values()) == pytest.approx(1.0)
+    assert sum(rep["blend"]["weights_per_domain"].values()) == pytest.approx(1.0)
+
+    dom = rep["domains"]
+    assert sum(dom["before"].values()) == acc["accepted"] and sum(dom["after"].values()) == cfg.sample.budget
+    assert dom["after"] == {d: v["draws"] for d, v in m["stages"]["blend"]["counts"]["draws_by_domain"].items()}
+
+    hist = rep["sample"]["draws_per_doc_histogram"]
+    assert hist == sample["draws_per_doc_histogram"] and rep["sample"]["histogram_from"] == "manifest"
+    assert sum(hist.values()) == acc["accepted"]
+    assert sum(int(d) * n for d, n in hist.items()) == cfg.sample.budget
+    assert rep["sample"]["max_draws_per_doc"] <= cfg.sample.clip == rep["sample"]["clip"]
+
+    assert rep["search"] == {"ran": False, "note": NO_SEARCH}
+    assert [s["stage"] for s in rep["stages"]] == list(m["stages"])
+    assert {s["stage"]: s["seconds"] for s in rep["stages"]} == {k: v["seconds"] for k, v in m["stages"].items()}
+    assert rep["tables"] == m["tables"] and rep["code_version"]["run"] == m["clustermix_version"]
+    assert {"cluster_sizes", "domain_shares", "draws_per_doc", "blend_weights", "quality",
+            "stage_times"} <= set(rep["figures"])
+
+
+@pytest.mark.slow
+def test_plan_derived_histogram_matches_the_manifest(written):
+    from clustermix.lake import Lake
+    from clustermix.report import _histogram, _Run
+
+    _, run, rep, _, _ = written
+    derived, source = _histogram(_Run(Lake(run.lake.root), run.manifest), {}, rep["accounting"]["accepted"])
+    assert source.startswith("sample_plan")
+    assert derived == run.manifest["stages"]["sample"]["counts"]["draws_per_doc_histogram"]
+
+
+class _Refs(HTMLParser):
+    """Collects every tag and the attributes that load or link something."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.refs: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        for k, v in attrs:
+            if k in ("src", "href", "srcset", "action", "data", "poster"):
+                self.refs.append((tag, k, v or ""))
+
+
+@pytest.mark.slow
+def test_report_html_is_self_contained(written):
+    _, run, rep, html, _ = written
+    page = html.read_text()
+    parser = _Refs()
+    parser.feed(page)
+    assert "script" not in parser.tags and "iframe" not in parser.tags
+    assert not [r for r in parser.refs if r[2].lower().startswith(("http://", "https://", "//"))]
+    assert "url(" not in page and "@import" not in page  # the inline CSS loads nothing either
+    imgs = [v for tag, k, v in parser.refs if tag == "img" and k == "src"]
+    assert len(imgs) >= 4 and len(imgs) == len(rep["figures"])
+    for src in imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+    assert {v for tag, k, v in parser.refs if tag == "a"} <= {f"#{s}" for s in (
+        "accounting", "clusters", "under", "domains", "draws", "blend", "quality", "search", "run")}
+    assert run.run_id in page and NO_SEARCH in page
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(written, tmp_path):
+    _, _, _, html, _ = written
+    rgb, log = chromium_screenshot(html, tmp_path)
+    assert page_errors(log) == [], "\n".join(page_errors(log))
+    assert rgb.shape[:2] == (3000, 1200)
+    # not a blank page: plenty of ink and the many colours of antialiased text and plots
+    assert (rgb.min(axis=2) < 235).mean() > 0.04
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 500
+    # the plots rendered: their fixed colours fill several separate stretches of the page
+    before, after = colour_mask(rgb, BEFORE), colour_mask(rgb, AFTER)
+    assert before.sum() > 5000 and after.sum() > 5000, (before.sum(), after.sum())
+    assert figure_bands(before | after) >= 4
+
+
+def test_missing_chromium_fails_and_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match=r"apt-get update && apt-get install -y chromium"):
+        chromium_screenshot(tmp_path / "report.html", tmp_path)

@@ -126,6 +126,63 @@ class BlendConfig(_Section):
         return self
 
 
+class SearchConfig(_Section):
+    """CLIMB mixture search (``clustermix.search``). Local defaults train ~17 tiny proxies on CPU;
+    the paper's schedule is ``iterations: [64, 32, 16]`` with GPU proxies (``gpus_per_proxy: 1``)."""
+
+    iterations: list[int] = Field(default_factory=lambda: [8, 4, 4])  # proxies trained per iteration
+    candidates: int = Field(2000, ge=1)  # mixtures the predictor ranks in each later iteration
+    top_fraction: float = Field(0.05, gt=0, le=1)  # later proxies: the best + a draw from this top share
+    dirichlet_strength: float = Field(1.0, gt=0)  # total concentration strength·S (smaller: sparser)
+    size_power: float = Field(1.0, ge=0)  # prior mean ∝ (cluster tokens)^size_power; 0 = uniform
+    clip: int | None = Field(None, ge=1)  # repetition bound per document; None: sample.clip
+    seed: int = 2025
+    baseline: bool = True  # also train the ClusterClip-uniform mixture in iteration 1
+    merge_threshold: float | None = Field(None, ge=-1, le=1)  # merge clusters with centroid cosine >= this
+    merge_to: int | None = Field(None, ge=1)  # or merge until this many super-clusters remain
+    target_path: str | None = None  # JSONL of target texts ...
+    target_text_field: str = "text"
+    target_domain: str | None = None  # ... or a corpus domain, held out from training
+    target_max_docs: int = Field(200, ge=1)
+    target_max_tokens: int = Field(50_000, ge=1)
+    tokenizer: Literal["bytes", "words"] = "words"  # byte-level, or hashed lowercase words
+    vocab_size: int = Field(2048, ge=16)  # hashed-word buckets
+    proxy_tokens: int = Field(40_000, ge=1)  # training budget per proxy, in proxy tokens
+    pool_tokens_per_cluster: int | None = Field(None, ge=1)  # pre-drawn sample per cluster; None: proxy_tokens
+    proxy_d_model: int = Field(64, ge=8)
+    proxy_layers: int = Field(2, ge=1)
+    proxy_heads: int = Field(2, ge=1)
+    proxy_context: int = Field(64, ge=2)
+    proxy_batch_size: int = Field(16, ge=1)
+    proxy_lr: float = Field(3e-3, gt=0)
+    predictor_estimators: int = Field(200, ge=1)
+    predictor_learning_rate: float = Field(0.05, gt=0)
+    predictor_num_leaves: int = Field(8, ge=2)
+    predictor_min_child_samples: int = Field(2, ge=1)
+    predictor_reg_lambda: float = Field(1.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus_per_proxy: float = Field(0.0, ge=0)
+    cpus_per_proxy: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(1, ge=1)
+
+    @field_validator("iterations")
+    @classmethod
+    def _iterations(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("must be a non-empty list of positive proxy counts")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchConfig:
+        if self.target_path is not None and self.target_domain is not None:
+            raise ValueError("set search.target_path or search.target_domain, not both")
+        if self.merge_threshold is not None and self.merge_to is not None:
+            raise ValueError("set search.merge_threshold or search.merge_to, not both")
+        if self.proxy_d_model % self.proxy_heads:
+            raise ValueError("search.proxy_d_model must be a multiple of search.proxy_heads")
+        return self
+
+
 class Config(_Section):
     lake: LakeConfig = LakeConfig()
     spark: SparkConfig = SparkConfig()
@@ -137,6 +194,7 @@ class Config(_Section):
     stats: StatsConfig = StatsConfig()
     sample: SampleConfig
     blend: BlendConfig = BlendConfig()
+    search: SearchConfig = SearchConfig()
 
     def section_hash(self, *names: str) -> str:
         """A stable hash of some sections, used to tell whether a stage's output is current."""

@@ -87,8 +87,10 @@ def _lines(spark: SparkSession, spec: InputSpec) -> DataFrame:
     from pyspark.sql import functions as F
 
     raw = (
+        # only \n ends a record: Spark's default also splits on a bare \r, which would cut a record
+        # in two (a CRLF's \r is stripped below)
         spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "[!._]*")
-        .text(spec.path)
+        .option("lineSep", "\n").text(spec.path)
         .select(
             F.col("value"),
             F.col("_metadata.file_path").alias("source_file"),

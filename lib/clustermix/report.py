@@ -76,6 +76,7 @@ class _Run:
     def __init__(self, lake: Lake, manifest: dict[str, Any]) -> None:
         self.lake, self.m, self.notes = lake, manifest, []
         self._others: dict[str, dict[str, Any] | None] = {}
+        self._tables: dict[str, DeltaTable | None] = {}
 
     def stage(self, name: str) -> dict[str, Any]:
         rec = dict(self.m.get("stages", {}).get(name) or {"status": "not run"})
@@ -99,14 +100,23 @@ class _Run:
         return None
 
     def table(self, name: str) -> DeltaTable | None:
-        """Table ``name`` at the version this run recorded (the latest, noted, if that is gone)."""
+        """Table ``name`` at the version this run recorded (the latest, noted, if that is gone).
+
+        A table the manifest records as absent stays absent even if a later run created it; one the
+        manifest does not name at all (``mixtures``, written outside the pipeline) is read as it is now."""
+        if name not in self._tables:
+            self._tables[name] = self._open(name)
+        return self._tables[name]
+
+    def _open(self, name: str) -> DeltaTable | None:
         from deltalake import DeltaTable
         from deltalake.exceptions import DeltaError
 
         uri = self.lake.table(name)
-        if not DeltaTable.is_deltatable(uri):
-            return None
+        recorded = name in (self.m.get("tables") or {})
         v = self.version(name)
+        if (recorded and v is None) or not DeltaTable.is_deltatable(uri):
+            return None
         if v is None:
             return DeltaTable(uri)
         try:

@@ -177,6 +177,8 @@ def _draws(rep: dict[str, Any], figs: dict[str, str]) -> str:
 
 def _blend(rep: dict[str, Any], figs: dict[str, str]) -> str:
     bl = rep["blend"]
+    if not bl.get("draws") and not bl["draws_by_domain"]:
+        return "<p>The blend stage has not written <code>blended</code> for this run.</p>"
     rows = [[_e(d), _n(int(v["draws"])), _n(int(v.get("tokens") or 0)), _pct(bl["weights_per_domain"].get(d))]
             for d, v in bl["draws_by_domain"].items()]
     path = f" File: <code>{_e(bl['mixture_path'])}</code>." if bl.get("mixture_path") else ""
@@ -188,6 +190,8 @@ def _blend(rep: dict[str, Any], figs: dict[str, str]) -> str:
 
 def _quality(rep: dict[str, Any], figs: dict[str, str]) -> str:
     q = rep["quality"]
+    if not rep["clusters"].get("available"):
+        return "<p>No cluster statistics: no quality or cohesion figures.</p>"
     text = (f"<p>{_n(q['docs_with_quality'])} documents in {q['clusters_with_quality']} clusters carry a quality "
             "value: per cluster, the 10th to 90th percentile and the median.</p>" if q["available"] else
             "<p>No document carries a quality value (<code>input.quality_field</code>), so there is no quality "

@@ -41,6 +41,7 @@ def _cluster_ticks(ax: Any, labels: list[str]) -> None:
     # past ~40 clusters the labels overlap; the table below the figure names every cluster
     if len(labels) <= 40:
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("cluster", fontsize=9)
     else:
         ax.set_xticks([])
         ax.set_xlabel(f"{len(labels)} clusters, largest first")

@@ -196,7 +196,7 @@ def train_and_score(train_tokens: np.ndarray, target_tokens: np.ndarray, spec: P
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    last = float("nan")
+    last = torch.tensor(float("nan"))
     for s in range(steps):
         batch = torch.as_tensor(train[s * spec.batch_size : (s + 1) * spec.batch_size], device=dev)
         loss = _loss(model, batch, spec.n_heads)
@@ -205,8 +205,8 @@ def train_and_score(train_tokens: np.ndarray, target_tokens: np.ndarray, spec: P
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        last = float(loss)
+        last = loss.detach()
     score = evaluate(model, target, spec)
-    return {"score": score, "train_loss": last, "steps": steps, "tokens": int(train[:, 1:].size),
+    return {"score": score, "train_loss": float(last), "steps": steps, "tokens": int(train[:, 1:].size),
             "target_tokens": int(target[:, 1:].size), "device": dev, "seconds": round(time.time() - t0, 3),
             "params": sum(p.numel() for p in model.parameters())}
