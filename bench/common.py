@@ -6,9 +6,10 @@ import json
 import os
 import resource
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 OUT = Path(__file__).resolve().parent / "out"
 

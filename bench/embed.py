@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_rss_mb, save  # noqa: E402
+from common import peak_rss_mb, save
 
 
 def corpus(n: int, path: Path) -> list[str]:

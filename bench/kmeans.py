@@ -24,10 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import save  # noqa: E402
-
-from clustermix import kmeans  # noqa: E402
-from clustermix.config import ClusterConfig  # noqa: E402
+from clustermix import kmeans
+from clustermix.config import ClusterConfig
+from common import save
 
 
 def synthetic(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:
@@ -103,7 +102,7 @@ def main() -> None:
         for n in (args.n, 4 * args.n):
             x = synthetic(n, args.d, args.k)
             f_it, f_obj, _ = faiss_fit(x, args.k, args.niter, 1)
-            o1_it, o1_obj, _ = ours(x, args.k, args.niter, 1, 1, Path(tmp))
+            o1_it, _, _ = ours(x, args.k, args.niter, 1, 1, Path(tmp))
             o2_it, o2_obj, _ = ours(x, args.k, args.niter, 1, 2, Path(tmp))
             rows[n] = {"faiss_s_per_iter": f_it, "ours_1_actor_s_per_iter": o1_it, "ours_2_actors_s_per_iter": o2_it,
                        "ratio_2_actors_vs_faiss": o2_it / f_it, "faiss_objective": f_obj,

@@ -20,10 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import save, timed  # noqa: E402
-
-from clustermix import lake as lk  # noqa: E402
-from clustermix.config import build_config  # noqa: E402
+from clustermix import lake as lk
+from clustermix.config import build_config
+from common import save, timed
 
 
 def make_tables(spark, lake: lk.Lake, n: int, k: int) -> None:

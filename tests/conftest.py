@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from clustermix.config import build_config  # noqa: E402
+from clustermix.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -70,7 +70,7 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
     lake = tmp_path / "lake"
     proc = subprocess.run(
         [sys.executable, "-m", "clustermix.cli", "run", "--set", f"lake.root={lake}", "--set", "cluster.k=0"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln]
@@ -79,7 +79,7 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
 
 
 def test_help_is_fast_and_lists_every_stage():
-    proc = subprocess.run([sys.executable, "-m", "clustermix.cli", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "clustermix.cli", "--help"], check=False, capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert proc.returncode == 0
     for stage in ("run", "ingest", "embed", "cluster", "stats", "sample", "blend"):
@@ -87,5 +87,5 @@ def test_help_is_fast_and_lists_every_stage():
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, clustermix.cli as c; c.build_parser(); "
          "print(sorted(m for m in ('pyspark','ray','torch','faiss') if m in sys.modules))"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60)
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert probe.stdout.strip() == "[]"

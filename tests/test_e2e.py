@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_every_stage_ran_and_the_manifest_adds_up(pipeline):
-    cfg, run = pipeline
+    _, run = pipeline
     m = run.manifest
     assert m["outcome"] == "succeeded"
     assert [s for s in STAGES if m["stages"][s]["status"] == "ran"] == list(STAGES)

@@ -42,7 +42,7 @@ def test_embeddings_match_bare_sentence_transformers_and_only_missing_ones_are_e
            for r in lk.read(spark, run.lake, "embeddings").collect()}
     assert len(emb) == 12
     bare = _bare_model().encode([t["text"] for t in texts[:12]], normalize_embeddings=True)
-    for rec, ref in zip(texts[:12], bare):
+    for rec, ref in zip(texts[:12], bare, strict=False):
         v = emb[rec["id"]]
         assert v.dtype == np.float32 and v.shape == (384,)
         assert abs(np.linalg.norm(v) - 1) < 1e-4

@@ -37,7 +37,7 @@ def write_dirty_corpus(folder: Path) -> dict[str, int]:
         "bad_id": [json.dumps({"id": {"a": 1}, "text": "object id"}), json.dumps({"id": "  ", "text": "blank id"})],
         "duplicate_id": [json.dumps({"id": "d3", "text": "a different text under an id already used"})],
     }
-    for reason, items in bad.items():
+    for items in bad.values():
         lines += [s.encode() for s in items]
     lines.append(b'{"id": "u1", "text": "caf\xe9 latin-1 byte"}')  # invalid UTF-8
     lines.append(b'{"id": "nul", "text": "raw \x00 byte"}')  # a raw NUL is a JSON control char: malformed
@@ -124,3 +124,15 @@ def test_parquet_input_and_missing_text_column(tmp_path, spark):
         run_stages(cfg_bad, ("ingest",), spark=spark)
     assert "part-0.parquet" in str(err.value) and "'text'" in str(err.value)
     assert lk.version(str(tmp_path / "lake2" / "docs")) is None
+
+
+def test_k_above_the_accepted_documents_fails_right_after_ingest(tmp_path, spark):
+    from clustermix.errors import DataError
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
+    cfg = make_config(tmp_path / "lake", str(src), cluster={"k": 5})
+    with pytest.raises(DataError, match=r"cluster.k=5: greater than the 3 accepted documents"):
+        run_stages(cfg, spark=spark)
+    assert lk.version(str(tmp_path / "lake" / "docs")) is not None
+    assert lk.version(str(tmp_path / "lake" / "embeddings")) is None  # failed before embedding anything

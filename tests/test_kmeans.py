@@ -107,7 +107,7 @@ def test_k_greater_than_points_fails_clearly(ray_local):
     from clustermix.cluster import distributed_kmeans
     from clustermix.errors import DataError
 
-    with pytest.raises(DataError, match="cluster.k=50"):
+    with pytest.raises(DataError, match=r"cluster\.k=50"):
         distributed_kmeans(_dataset(blobs(20, 8, 2)), ClusterConfig(k=50, num_shards=2, cpus_per_shard=0.25))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -106,10 +107,8 @@ def test_a_second_run_on_a_busy_lake_refuses_and_writes_nothing(tmp_path, spark)
 def _kill_tree(proc: psutil.Process) -> None:
     procs = [proc, *proc.children(recursive=True)]
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=30)
 
 
@@ -203,7 +202,7 @@ def test_embed_actor_killed_mid_run_loses_and_duplicates_nothing(tmp_path, spark
     ref = SentenceTransformer(resolve_model("all-MiniLM-L6-v2"), device="cpu").encode(
         [r["text"] for r in records[:5]], normalize_embeddings=True)
     got = {r["id"]: np.array(r["embedding"]) for r in rows}
-    for rec, v in zip(records[:5], ref):
+    for rec, v in zip(records[:5], ref, strict=False):
         assert float(got[rec["id"]] @ v) >= 0.999
 
 

@@ -70,11 +70,11 @@ def mixture_targets(sizes: ClusterSizes, path: str) -> np.ndarray:
         raise ConfigError("blend.mixture_path", path, "expected a mapping of cluster_id to weight")
     t = np.zeros(len(sizes.cluster_id))
     index = {int(c): i for i, c in enumerate(sizes.cluster_id)}
-    for key, w in weights.items():
+    for key, raw_w in weights.items():
         try:
-            c, w = int(key), float(w)
+            c, w = int(key), float(raw_w)
         except (TypeError, ValueError):
-            raise ConfigError("blend.mixture_path", path, f"bad entry {key!r}: {w!r}") from None
+            raise ConfigError("blend.mixture_path", path, f"bad entry {key!r}: {raw_w!r}") from None
         if c not in index or w < 0:
             raise ConfigError("blend.mixture_path", path, f"cluster {c} unknown or weight {w} negative")
         t[index[c]] = w

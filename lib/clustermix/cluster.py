@@ -219,7 +219,7 @@ def _attempt(ds: Any, cfg: ClusterConfig, assign_dir: str | None, use_gpu: bool)
     shards = [actor_cls.remote(use_gpu) for _ in range(cfg.num_shards)]
     try:
         iters = ds.select_columns(["id", "embedding"]).streaming_split(cfg.num_shards, equal=False)
-        n = int(sum(ray.get([s.load.remote(it) for s, it in zip(shards, iters)])))
+        n = int(sum(ray.get([s.load.remote(it) for s, it in zip(shards, iters, strict=False)])))
         if cfg.k > n:
             raise DataError(f"config error: cluster.k={cfg.k}: greater than the {n} embedded documents")
         fraction = cfg.fit_fraction

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clustermix import contracts, lake as lk
+from clustermix import contracts
+from clustermix import lake as lk
 from clustermix.config import EmbedConfig
 from clustermix.models import model_id, resolve_model
 

@@ -7,6 +7,7 @@ all carry the fingerprint it would write again is complete and is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -52,10 +53,8 @@ class Lake:
             from pyarrow import fs as pafs
 
             filesystem, path = pafs.FileSystem.from_uri(uri)
-            try:
+            with contextlib.suppress(OSError):
                 filesystem.delete_dir(path)
-            except OSError:
-                pass
 
 
 def spark_path(uri: str) -> str:

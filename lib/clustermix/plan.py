@@ -20,7 +20,7 @@ ORDERS = ("random", "stratified", "g2s", "s2g")
 
 def alloc_frame(spark: SparkSession, cluster_ids: list[int], sizes: list[int], draws: list[int]) -> DataFrame:
     """The K-row allocation table the per-document job joins (broadcast) against."""
-    rows = [(int(c), int(n), int(a)) for c, n, a in zip(cluster_ids, sizes, draws)]
+    rows = [(int(c), int(n), int(a)) for c, n, a in zip(cluster_ids, sizes, draws, strict=False)]
     return spark.createDataFrame(rows, "cluster_id int, n_k bigint, a_k bigint")
 
 

@@ -102,5 +102,5 @@ def run_sample(spark: SparkSession, stats: DataFrame, assignments: DataFrame, do
     info["draws_per_doc_histogram"] = draws_histogram(write.read("sample_plan"), int(sizes.n_docs.sum()))
     info["shares_before"] = share_summary(sizes.n_docs, min_share)
     info["shares_after"] = share_summary(draws, min_share)
-    info["draws_per_cluster"] = {int(c): int(a) for c, a in zip(sizes.cluster_id, draws)}
+    info["draws_per_cluster"] = {int(c): int(a) for c, a in zip(sizes.cluster_id, draws, strict=False)}
     return info

@@ -67,7 +67,7 @@ def share_summary(counts: np.ndarray, min_share: float) -> dict[str, Any]:
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum()
     if total <= 0:
-        return {"clusters": int(len(counts)), "total": 0}
+        return {"clusters": len(counts), "total": 0}
     p = counts / total
     nz = p[p > 0]
     entropy = float(-(nz * np.log(nz)).sum())
