@@ -14,7 +14,8 @@ run: setup
 	$(VENV)/bin/clustermix run --config $(CONFIG)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: setup
+test:
+	@bash deploy/setup.sh --with-test-deps
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

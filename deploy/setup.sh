@@ -34,4 +34,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 PYTHON="$VENV/bin/python" bash deploy/fetch-jars.sh
+
+# The tests also need a real browser (the report is checked in headless Chromium).
+if [ "${1:-}" = "--with-test-deps" ] && ! need chromium; then
+  if [ "$(id -u)" = 0 ] && need apt-get; then
+    echo "setup: installing Chromium from Debian (for the report's browser test)"
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: the tests need Chromium (apt-get install chromium)" >&2; exit 1
+  fi
+fi
 echo "setup: done"

@@ -225,11 +225,14 @@ def test_search_writes_the_mixtures_table(searched):
 
     cfg, run, counts, writer = searched
     uri = run.lake.table("mixtures")
-    rows = DeltaTable(uri).to_pyarrow_table().to_pylist()
+    rows = sorted(DeltaTable(uri).to_pyarrow_table().to_pylist(),
+                  key=lambda r: (r["iteration"], r["kind"] != "uniform", r["mixture_id"]))
     assert writer.versions == {"mixtures": 0} and lk.last_commit_meta(uri)["run_id"] == "search-test"
     assert counts["proxies_trained"] == len(rows) == 1 + 3 + 2 + 2  # the uniform baseline, then 3, 2, 2
     assert [r["iteration"] for r in rows] == [1, 1, 1, 1, 2, 2, 3, 3]
     assert counts["iterations"] == 3 and counts["search_dims"] == 3 and counts["clusters"] == cfg.cluster.k
+    domains = DeltaTable(run.lake.table("docs")).to_pyarrow_table(columns=["domain"]).column("domain").to_pylist()
+    assert counts["target_texts"] == domains.count("politics") > 0  # the held-out domain is the target
     assert rows[0]["kind"] == "uniform" and len({r["mixture_id"] for r in rows}) == len(rows)
     for r in rows:
         weights = dict(r["weights"])
@@ -282,3 +285,22 @@ def test_search_without_a_target_stops_before_any_work(pipeline, spark):
     with pytest.raises(ConfigError, match="file not found"):
         run_search(spark, run.lake, bad, {}, "x", writer)
     assert writer.versions == {}
+
+
+def test_target_file_is_read_bounded_and_in_a_seeded_order(spark, tmp_path):
+    import json
+
+    from clustermix.search.stage import target_fingerprint, target_frame
+
+    path = tmp_path / "target.jsonl"
+    path.write_text("".join(json.dumps({"body": f"target text number {i}"}) + "\n" for i in range(12)))
+    scfg = SearchConfig(target_path=str(path), target_text_field="body", target_max_docs=5)
+    rows = target_frame(spark, None, scfg).collect()
+    assert len(rows) == 5 and len({r["text"] for r in rows}) == 5
+    assert [r["rank"] for r in rows] == sorted(r["rank"] for r in rows)
+    assert [r["text"] for r in target_frame(spark, None, scfg).collect()] == [r["text"] for r in rows]
+    fp = target_fingerprint(scfg)["target_sha256"]
+    path.write_text(path.read_text() + json.dumps({"body": "one more"}) + "\n")
+    assert target_fingerprint(scfg)["target_sha256"] != fp
+    with pytest.raises(ConfigError, match="no such field"):
+        target_frame(spark, None, scfg.model_copy(update={"target_text_field": "text"}))

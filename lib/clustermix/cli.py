@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, text in STAGE_HELP.items():
         p = sub.add_parser(stage, help=text, description=f"Run one stage: {text}.")
         _common(p)
+    p = sub.add_parser("report", help="(re)write a run's report.html and report.json",
+                       description="Regenerate the curation report of a run (default: the newest).")
+    _common(p)
+    p.add_argument("--run", dest="report_run", default=None, metavar="RUN_ID", help="the run (default: newest)")
+    p = sub.add_parser("runs", help="list the runs recorded under the lake root")
+    _common(p)
     p = sub.add_parser("show-config", help="print the validated config as YAML")
     _common(p)
     return parser
@@ -86,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+        if args.command in ("report", "runs"):
+            return _report_commands(args, cfg.lake.root)
         from clustermix.pipeline import STAGES, run_stages
 
         stages = STAGES if args.command == "run" else (args.command,)
@@ -98,6 +106,26 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     print("\n".join(summary_lines(run.manifest)))
     print(f"manifest: {run.manifest_uri}")
+    from clustermix.report import write_report
+
+    _, html = write_report(run.lake.root, run.run_id)
+    print(f"report: {html}")
+    return 0
+
+
+def _report_commands(args: argparse.Namespace, lake_root: str) -> int:
+    from clustermix.report import list_runs, write_report
+
+    if args.command == "report":
+        json_uri, html_uri = write_report(lake_root, args.report_run)
+        print(f"report: {html_uri}\nfigures: {json_uri}")
+        return 0
+    runs = list_runs(lake_root)
+    if not runs:
+        print(f"no runs under {lake_root}")
+    for r in runs:
+        print(f"{r['run_id']}  {r.get('outcome') or '?':<10} started {r.get('started_at')}  "
+              f"blended v{r.get('blended_version')}  report {'yes' if r.get('has_report') else 'no'}")
     return 0
 
 

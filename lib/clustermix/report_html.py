@@ -78,11 +78,12 @@ def _glance(rep: dict[str, Any]) -> str:
                      f"{_pct(cl['min_share'])} threshold; {len(under['at_clip'])} at the clip")
     before, after = sa.get("shares_before") or {}, sa.get("shares_after") or {}
     if sa.get("draws") is not None:
+        spread = (f"; cluster-share Gini {_n(before.get('gini'), 3)} → {_n(after.get('gini'), 3)}, normalised "
+                  f"entropy {_n(before.get('entropy_normalised'), 3)} → {_n(after.get('entropy_normalised'), 3)}"
+                  if before.get("gini") is not None and after.get("gini") is not None else "")
         items.append(f"Sample: {_n(sa['draws'])} draws for a budget of {_n(sa['budget'])} {_e(sa['unit'])} "
                      f"(shortfall {_n(sa['shortfall'])}), clip {_n(sa['clip'])}, most draws of one document "
-                     f"{_n(sa['max_draws_per_doc'])}; cluster-share Gini {_n(before.get('gini'), 3)} → "
-                     f"{_n(after.get('gini'), 3)}, normalised entropy {_n(before.get('entropy_normalised'), 3)} → "
-                     f"{_n(after.get('entropy_normalised'), 3)}")
+                     f"{_n(sa['max_draws_per_doc'])}{spread}")
     items.append(f"Blend: {_e(rep['blend'].get('mode'))}; mixture search: {'ran' if se['ran'] else 'did not run'}")
     return '<ul class="glance">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
@@ -210,16 +211,17 @@ def _search(rep: dict[str, Any], figs: dict[str, str]) -> str:
             + _table(["iteration", "mixtures", "best score", "mean score"], rows, (0, 1, 2, 3)))
 
 
-def _versions(d: dict[str, Any], tables: dict[str, Any]) -> str:
-    """``table@version`` for tables; other inputs (the raw corpus) as ``key: value``."""
-    return escape(", ".join(f"{k}@{v}" if k in tables else f"{k}: {v}" for k, v in d.items()))
+def _versions(d: dict[str, Any]) -> str:
+    """``table@version`` for tables; other inputs (the raw corpus, a mixture file's hash) as ``key: value``."""
+    return escape(", ".join(f"{k}@{v}" if isinstance(v, int) and not k.startswith("input") else f"{k}: {v}"
+                            for k, v in d.items()))
 
 
 def _run(rep: dict[str, Any], figs: dict[str, str]) -> str:
     import yaml
 
-    rows = [[_e(s["stage"]), _e(s["status"]), _n(s.get("seconds"), 2), _versions(s["inputs"], rep["tables"]),
-             _versions(s["outputs"], rep["tables"]), _e(s.get("written_by_run") or (rep["run"]["run_id"] if s["status"] == "ran"
+    rows = [[_e(s["stage"]), _e(s["status"]), _n(s.get("seconds"), 2), _versions(s["inputs"]),
+             _versions(s["outputs"]), _e(s.get("written_by_run") or (rep["run"]["run_id"] if s["status"] == "ran"
                                                                        else None))] for s in rep["stages"]]
     tables = [[_e(t), _n(v)] for t, v in rep["tables"].items()]
     notes = "".join(f"<li>{escape(n)}</li>" for n in rep["notes"])

@@ -57,6 +57,7 @@ def proxy_seed(seed: int, iteration: int, index: int) -> int:
 
 
 def predictor_settings(scfg: SearchConfig) -> PredictorSettings:
+    """The LightGBM settings of ``search.predictor_*``."""
     return PredictorSettings(scfg.predictor_estimators, scfg.predictor_learning_rate, scfg.predictor_num_leaves,
                              scfg.predictor_min_child_samples, scfg.predictor_reg_lambda, scfg.seed)
 
@@ -140,8 +141,9 @@ def read_target(target_uri: str) -> list[str]:
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    table = ds.dataset(target_uri, format="parquet").to_table(columns=["rank", "text"])
-    return table.take(pc.sort_indices(table, [("rank", "ascending")])).column("text").to_pylist()
+    table = ds.dataset(target_uri, format="parquet").to_table(columns=["rank", "text_hash", "text"])
+    order = pc.sort_indices(table, [("rank", "ascending"), ("text_hash", "ascending")])
+    return table.take(order).column("text").to_pylist()
 
 
 def train_proxy(pool_uri: str, target_uri: str, weights: dict[int, float], spec: ProxySpec,

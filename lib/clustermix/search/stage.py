@@ -47,6 +47,7 @@ def best_mixture_uri(lake: Lake) -> str:
 
 
 def proxy_spec(scfg: SearchConfig) -> ProxySpec:
+    """The proxy settings of ``search.*``, as the picklable spec each task gets."""
     return ProxySpec(scfg.tokenizer, scfg.vocab_size, scfg.proxy_d_model, scfg.proxy_layers, scfg.proxy_heads,
                      scfg.proxy_context, scfg.proxy_batch_size, scfg.proxy_tokens, scfg.proxy_lr,
                      scfg.target_max_tokens, scfg.device, scfg.torch_threads, scfg.seed)
@@ -61,6 +62,25 @@ def token_estimate(text: Column, tokenizer: str) -> Column:
     return F.regexp_count(F.lower(text), F.lit(WORD_PATTERN)).cast("bigint")
 
 
+def target_fingerprint(scfg: SearchConfig) -> dict[str, Any]:
+    """What the search depends on besides tables and config: the target file's content (pass it
+    as the stage's extra inputs, as the blend does for its mixture file)."""
+    import hashlib
+
+    from pyarrow import fs as pafs
+
+    p = scfg.target_path
+    if p is None:
+        return {}
+    check_target(scfg)
+    filesystem, path = pafs.FileSystem.from_uri(p if "://" in p else "file://" + str(Path(p).resolve()))
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path) as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return {"target_sha256": digest.hexdigest()[:16]}
+
+
 def check_target(scfg: SearchConfig) -> None:
     """The search needs a target set; fail before any work when none is configured."""
     if scfg.target_path is None and scfg.target_domain is None:
@@ -72,7 +92,8 @@ def check_target(scfg: SearchConfig) -> None:
 
 
 def target_frame(spark: SparkSession, docs: DataFrame, scfg: SearchConfig) -> DataFrame:
-    """The target texts (``text``, ``text_hash``, ``rank``), at most ``target_max_docs``, seeded order."""
+    """The target texts, at most ``target_max_docs`` in a seeded order: ``rank`` (a seeded hash; the
+    order is by ``rank``, then ``text_hash``), ``text``, ``text_hash``."""
     from pyspark.sql import functions as F
 
     check_target(scfg)
@@ -86,11 +107,9 @@ def target_frame(spark: SparkSession, docs: DataFrame, scfg: SearchConfig) -> Da
         text = F.col(scfg.target_text_field).cast("string")
         src = src.where(text.isNotNull() & (F.length(text) > 0)).select(text.alias("text"))
         src = src.withColumn("text_hash", F.sha2("text", 256))
-    from pyspark.sql import Window
-
     key = F.xxhash64(F.lit(scfg.seed), F.col("text_hash"))
-    top = src.orderBy(key, "text_hash").limit(scfg.target_max_docs)  # top-N per partition, then merged
-    return top.withColumn("rank", F.row_number().over(Window.orderBy(key, "text_hash")) - 1)  # <= N rows
+    # top-N per partition, then merged: no single-partition sort of the whole source
+    return src.orderBy(key, "text_hash").limit(scfg.target_max_docs).select(key.alias("rank"), "text", "text_hash")
 
 
 def trainable(assignments: DataFrame, docs: DataFrame, target: DataFrame, scfg: SearchConfig) -> DataFrame:
@@ -138,6 +157,7 @@ def run_search(spark: SparkSession, lake: Lake, cfg: Config, inputs: dict[str, i
         .orderBy("cluster_id").collect()  # K rows
     cluster_ids = np.array([r["cluster_id"] for r in cents], dtype=np.int64)
     target_uri, pool_uri = lake.staging("search_target", run_id), lake.staging("search_pool", run_id)
+    members = None
     try:
         target = target_frame(spark, docs, scfg)
         target.select("rank", "text", "text_hash").coalesce(1).write.mode("overwrite").parquet(lk.spark_path(target_uri))
@@ -161,12 +181,13 @@ def run_search(spark: SparkSession, lake: Lake, cfg: Config, inputs: dict[str, i
         evaluate = ray_evaluate(pool_uri, target_uri, cluster_ids, proxy_spec(scfg), scfg.cpus_per_proxy,
                                 scfg.gpus_per_proxy)
         records = run_climb(space, scfg, evaluate)
-        members.unpersist()
     finally:
+        if members is not None:
+            members.unpersist()
         lake.remove(pool_uri)
         lake.remove(target_uri)
     best = min(records, key=lambda r: (r.score, r.iteration, r.mixture_id))
-    write("mixtures", mixtures_frame(spark, records, cluster_ids, best, run_id))
+    write("mixtures", mixtures_frame(spark, records, cluster_ids, best, run_id).coalesce(1))
     uniform = next((r for r in records if r.kind == "uniform"), None)
     doc = best_document(best, cluster_ids, uniform, run_id, scfg, clip)
     write_json(best_mixture_uri(lake), doc)
