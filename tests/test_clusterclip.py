@@ -111,3 +111,12 @@ def test_water_level_matches_a_brute_force_bisection():
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if np.minimum(mid * t * budget, clip * n).sum() < budget else (lo, mid)
         assert lam == pytest.approx(lo, rel=1e-6)
+
+
+def test_draws_histogram_from_the_allocation():
+    from clustermix.sample import draws_histogram
+
+    # cluster 0: 10 docs, 23 draws -> 7 docs twice, 3 docs three times; cluster 1: 4 docs, 2 draws
+    hist = draws_histogram(np.array([10, 4, 0]), np.array([23, 2, 0]))
+    assert hist == {"0": 2, "1": 2, "2": 7, "3": 3}
+    assert sum(int(k) * v for k, v in hist.items()) == 25

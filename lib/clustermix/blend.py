@@ -101,6 +101,8 @@ def targets_for(bcfg: BlendConfig, sizes: ClusterSizes) -> np.ndarray:
 def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, docs: DataFrame, sample_plan: DataFrame,
               bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any) -> dict[str, Any]:
     """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position."""
+    from pyspark.sql import functions as F
+
     sizes = ClusterSizes.from_stats(stats)
     if bcfg.mode == "clusterclip":
         planned, info = sample_plan, {"from": "sample_plan"}
@@ -110,9 +112,12 @@ def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, doc
         planned = make_plan(spark, members_frame(assignments, docs, scfg.within), sizes, draws, scfg, partitions)
     out = planned.join(docs.select("id", "text", "domain", "quality", "n_tokens"), "id").select(
         "id", "text", "cluster_id", "domain", "quality", "n_tokens", "draw", "position", "phase")
-    n_rows = sum(int(v) for v in draws) if draws is not None else None
-    n_files = max(1, -(-(n_rows or scfg.budget) // bcfg.target_rows_per_file))
-    out = out.repartitionByRange(n_files, "position").sortWithinPartitions("position")
+    n_rows = sum(int(v) for v in draws) if draws is not None else scfg.budget
+    n_files = max(1, -(-n_rows // bcfg.target_rows_per_file))
+    # positions are exactly 0..B-1, so contiguous position ranges need no sampling pass
+    # (repartitionByRange would run one); each file then holds whole ranges, sorted
+    out = (out.repartition(n_files, F.floor(F.col("position") * n_files / max(n_rows, 1)))
+           .sortWithinPartitions("position"))
     write("blended", contracts.check(out, "blended"), max_records_per_file=bcfg.target_rows_per_file)
     info["mode"] = bcfg.mode
     return info

@@ -70,14 +70,19 @@ def make_plan(spark: SparkSession, members: DataFrame, sizes: ClusterSizes, draw
                            partitions=partitions)
 
 
-def draws_histogram(plan_df: DataFrame, n_docs: int) -> dict[str, int]:
-    """How many documents are drawn 0, 1, ..., clip times (at most clip+1 rows reach the driver)."""
-    from pyspark.sql import functions as F
-
-    per_doc = plan_df.groupBy("id").agg(F.count("*").alias("d"))
-    hist = {int(r["d"]): int(r["n"]) for r in per_doc.groupBy("d").agg(F.count("*").alias("n")).collect()}
-    hist[0] = n_docs - sum(hist.values())
-    return {str(k): hist[k] for k in sorted(hist)}
+def draws_histogram(n_docs: np.ndarray, draws: np.ndarray) -> dict[str, int]:
+    """How many documents are drawn 0, 1, ..., clip times: exact from the K numbers, since each
+    cluster's documents get ``a_k div n_k`` draws and ``a_k mod n_k`` of them one more."""
+    hist: dict[int, int] = {}
+    for n, a in zip(n_docs.tolist(), draws.tolist(), strict=True):
+        if n <= 0:
+            continue
+        base, extra = clusterclip.per_doc(int(a), int(n))
+        hist[base] = hist.get(base, 0) + n - extra
+        if extra:
+            hist[base + 1] = hist.get(base + 1, 0) + extra
+    top = max((k for k, v in hist.items() if v), default=0)
+    return {str(k): hist.get(k, 0) for k in range(top + 1)}
 
 
 def uniform_targets(sizes: ClusterSizes) -> np.ndarray:
@@ -99,7 +104,7 @@ def run_sample(spark: SparkSession, stats: DataFrame, assignments: DataFrame, do
     df = make_plan(spark, members_frame(assignments, docs, scfg.within), sizes, draws, scfg, partitions)
     write("sample_plan", contracts.check(df, "sample_plan"))
     info["order"] = scfg.order
-    info["draws_per_doc_histogram"] = draws_histogram(write.read("sample_plan"), int(sizes.n_docs.sum()))
+    info["draws_per_doc_histogram"] = draws_histogram(sizes.n_docs, draws)
     info["shares_before"] = share_summary(sizes.n_docs, min_share)
     info["shares_after"] = share_summary(draws, min_share)
     info["draws_per_cluster"] = {int(c): int(a) for c, a in zip(sizes.cluster_id, draws, strict=False)}
