@@ -59,14 +59,20 @@ def bench_one(spark, n: int, k: int, work: Path) -> dict[str, float]:
                         "sample": {"budget": budget, "clip": 4, "order": "random"},
                         "spark": {"shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions")}})
     parts = cfg.spark.shuffle_partitions
-    t: dict[str, float] = {}
     docs, asg, stats = (lk.read(spark, lake, x) for x in ("docs", "assignments", "cluster_stats"))
     writer = lk.TableWriter(lake, {"bench": True})
-    with timed("clusterclip sample+blend+write", t):
-        run_sample(spark, stats, asg, docs, cfg.sample, 0.007, parts, writer)
-        run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, writer)
-    with timed("df.sample + write (baseline)", t):
-        lk.write(docs.sample(fraction=budget / n, seed=7), lake, "baseline", {"bench": True})
+    best: dict[str, float] = {}
+    # two rounds, alternating, keeping each side's faster time: the first round also warms the JVM
+    for rnd in range(2):
+        t: dict[str, float] = {}
+        print(f" round {rnd + 1}", flush=True)
+        with timed("df.sample + write (baseline)", t):
+            lk.write(docs.sample(fraction=budget / n, seed=7), lake, "baseline", {"bench": True})
+        with timed("clusterclip sample+blend+write", t):
+            run_sample(spark, stats, asg, docs, cfg.sample, 0.007, parts, writer)
+            run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, writer)
+        best = {k: min(v, best.get(k, v)) for k, v in t.items()}
+    t = best
     rows = lk.num_records(lake.table("blended"))
     assert rows == budget, rows
     t["ratio"] = t["clusterclip sample+blend+write"] / t["df.sample + write (baseline)"]

@@ -143,12 +143,12 @@ def test_search_progress_from_a_mixtures_table(tiny_lake):
     rep = build_report(str(tiny_lake), "20260101T000000Z-aaaaaa")
     assert rep["search"] == {"ran": False, "note": NO_SEARCH}
     _write_tables(tiny_lake, mixtures=pa.table({"iteration": [1, 1, 1, 2, 2, 3],
-                                                "score": [0.1, 0.3, 0.2, 0.4, 0.2, 0.5]}))
+                                                "proxy_score": [0.1, 0.3, 0.2, 0.4, 0.2, 0.5]}))
     json_uri, _ = write_report(str(tiny_lake), "20260101T000000Z-aaaaaa")
     rep = json.loads(Path(json_uri).read_text())
-    assert rep["search"]["ran"] and rep["search"]["mixtures"] == 6 and rep["search"]["best_score"] == 0.5
+    assert rep["search"]["ran"] and rep["search"]["mixtures"] == 6 and rep["search"]["best_score"] == 0.1
     assert [(i["iteration"], i["mixtures"], i["best"]) for i in rep["search"]["iterations"]] == [
-        (1, 3, 0.3), (2, 2, 0.4), (3, 1, 0.5)]
+        (1, 3, 0.1), (2, 2, 0.2), (3, 1, 0.5)]
     assert rep["search"]["iterations"][0]["mean"] == pytest.approx(0.2)
     assert "search" in rep["figures"]
 

@@ -18,6 +18,7 @@ STAGE_HELP = {
     "cluster": "embeddings -> centroids, assignments (distributed FAISS k-means on Ray)",
     "stats": "docs + assignments -> cluster_stats (Spark)",
     "sample": "cluster_stats -> sample_plan (ClusterClip, Spark)",
+    "search": "docs + assignments + a target set -> mixtures, search/best_mixture.json (CLIMB proxies on Ray)",
     "blend": "sample_plan + docs -> blended, the training mix (Spark)",
 }
 
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn a raw, unbalanced text corpus into a balanced training mix written as Delta tables.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="run every stage (skipping those whose outputs are current)",
-                       description="Run ingest, embed, cluster, stats, sample and blend in order.")
+                       description="Run ingest, embed, cluster, stats, sample, search (when search.target_path "
+                                   "or search.target_domain is set) and blend in order.")
     _common(p)
     for stage, text in STAGE_HELP.items():
         p = sub.add_parser(stage, help=text, description=f"Run one stage: {text}.")
@@ -70,6 +72,11 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
         lines.append(f"sample: {sa['draws']} draws (budget {sa['budget']} {sa['unit']}, clip {sa['clip']}, "
                      f"shortfall {sa['shortfall']}); share gini {sa['shares_before'].get('gini')} -> "
                      f"{sa['shares_after'].get('gini')}")
+    se = st.get("search", {}).get("counts")
+    if se:
+        lines.append(f"search: {se.get('proxies_trained')} proxies over {se.get('iterations')} iterations, best "
+                     f"target loss {se.get('best_score')} (uniform {se.get('uniform_score')}); "
+                     f"best mixture: {se.get('best_mixture_path')}")
     for name, rec in st.items():
         lines.append(f"  {name:<8} {rec.get('status'):<8} {rec.get('seconds', 0):>8}s  versions {rec.get('versions')}")
     if "blended" in manifest.get("tables", {}):
@@ -94,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("report", "runs"):
             return _report_commands(args, cfg.lake.root)
-        from clustermix.pipeline import STAGES, run_stages
+        from clustermix.pipeline import default_stages, run_stages
 
-        stages = STAGES if args.command == "run" else (args.command,)
+        stages = default_stages(cfg) if args.command == "run" else (args.command,)
         try:
             run = run_stages(cfg, stages, run_id=args.run_id)
         finally:

@@ -291,8 +291,8 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError("input.path", p, "path does not exist")
     mp = cfg.blend.mixture_path
     if cfg.blend.mode == "mixture" and mp is None:
-        raise ConfigError("blend.mixture_path", mp, "mode 'mixture' needs a mixture file")
-    if mp is not None and not _is_remote(mp) and not Path(mp).exists():
+        raise ConfigError("blend.mixture_path", mp, "mode 'mixture' needs a mixture file (or 'search')")
+    if mp is not None and mp != "search" and not _is_remote(mp) and not Path(mp).exists():
         raise ConfigError("blend.mixture_path", mp, "path does not exist")
     from clustermix.models import resolve_model
 

@@ -8,6 +8,7 @@ its config section(s) and the Delta versions of its inputs.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -30,12 +31,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "embed", "cluster", "stats", "sample", "blend")
+# every stage in pipeline order; ``search`` runs in ``clustermix run`` only when a target is set
+ALL_STAGES = ("ingest", "embed", "cluster", "stats", "sample", "search", "blend")
 OUTPUTS = {
     "ingest": ("docs", "quarantine", "duplicates"),
     "embed": ("embeddings",),
     "cluster": ("centroids", "assignments"),
     "stats": ("cluster_stats",),
     "sample": ("sample_plan",),
+    "search": ("mixtures",),
     "blend": ("blended",),
 }
 INPUTS = {
@@ -44,6 +48,7 @@ INPUTS = {
     "cluster": ("embeddings",),
     "stats": ("docs", "assignments", "centroids"),
     "sample": ("cluster_stats", "assignments", "docs"),
+    "search": ("docs", "assignments", "centroids"),
     "blend": ("sample_plan", "cluster_stats", "assignments", "docs"),
 }
 
@@ -144,6 +149,11 @@ def config_hash(cfg: Config, stage: str) -> str:
         return cfg.section_hash("stats")
     if stage == "sample":
         return cfg.section_hash("sample")
+    if stage == "search":
+        keys = cfg.search.model_dump(mode="json", exclude={"gpus_per_proxy", "cpus_per_proxy", "torch_threads",
+                                                           "device"})
+        keys["clip"] = cfg.search.clip or cfg.sample.clip
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
     return cfg.section_hash("blend", "sample")
 
 
@@ -213,39 +223,61 @@ def _blend(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str,
     from clustermix.blend import domain_mix, run_blend
 
     s, lake = run.spark, run.lake
+    bcfg = run.cfg.blend.model_copy(update={"mixture_path": mixture_file(run.cfg, lake)})
     info = run_blend(s, lk.read(s, lake, "cluster_stats", inputs["cluster_stats"]),
                      lk.read(s, lake, "assignments", inputs["assignments"]), lk.read(s, lake, "docs", inputs["docs"]),
-                     lk.read(s, lake, "sample_plan", inputs["sample_plan"]), run.cfg.blend, run.cfg.sample,
+                     lk.read(s, lake, "sample_plan", inputs["sample_plan"]), bcfg, run.cfg.sample,
                      run.cfg.spark.shuffle_partitions, write)
     info["draws_by_domain"] = domain_mix(lk.read(s, lake, "blended"))
     return info
 
 
+def _search(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str, Any]:
+    from clustermix.search.stage import run_search
+
+    run.ray()
+    return run_search(run.spark, run.lake, run.cfg, inputs, run.run_id, write)
+
+
 STAGE_FNS: dict[str, Callable[[Run, lk.TableWriter, dict[str, Any]], dict[str, Any]]] = {
-    "ingest": _ingest, "embed": _embed, "cluster": _cluster, "stats": _stats, "sample": _sample, "blend": _blend,
+    "ingest": _ingest, "embed": _embed, "cluster": _cluster, "stats": _stats, "sample": _sample, "search": _search,
+    "blend": _blend,
 }
 
 
-def _mixture_input(cfg: Config) -> dict[str, Any]:
+def default_stages(cfg: Config) -> tuple[str, ...]:
+    """What ``clustermix run`` runs: the six core stages, and the search when it has a target."""
+    has_target = cfg.search.target_path is not None or cfg.search.target_domain is not None
+    return tuple(s for s in ALL_STAGES if s != "search" or has_target)
+
+
+def mixture_file(cfg: Config, lake: lk.Lake) -> str | None:
+    """The blend's mixture file: ``blend.mixture_path``, where ``search`` names the search's output."""
+    p = cfg.blend.mixture_path
+    return f"{lake.root}/search/best_mixture.json" if p == "search" else p
+
+
+def _mixture_input(cfg: Config, lake: lk.Lake) -> dict[str, Any]:
     """The blend depends on the mixture file's content, not just its name."""
-    if cfg.blend.mode != "mixture" or not cfg.blend.mixture_path:
+    p = mixture_file(cfg, lake)
+    if cfg.blend.mode != "mixture" or not p:
         return {}
     from pyarrow import fs as pafs
 
-    p = cfg.blend.mixture_path
     filesystem, path = pafs.FileSystem.from_uri(p if "://" in p else "file://" + os.path.abspath(p))
     with filesystem.open_input_stream(path) as fh:
         return {"mixture_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
 
 
-def run_stages(cfg: Config, stages: tuple[str, ...] = STAGES, run_id: str | None = None,
+def run_stages(cfg: Config, stages: tuple[str, ...] | None = None, run_id: str | None = None,
                spark: SparkSession | None = None) -> Run:
-    """Run ``stages`` (in pipeline order) under the lake lock; return the finished run."""
+    """Run ``stages`` (default: :func:`default_stages`) in pipeline order under the lake lock."""
+    stages = default_stages(cfg) if stages is None else stages
     run = Run(cfg, run_id, spark)
     lock = lk.LakeLock(run.lake, run.run_id, cfg.lake.lock_stale_seconds)
     lock.acquire()
     try:
-        for stage in STAGES:
+        for stage in ALL_STAGES:
             if stage not in stages:
                 continue
             extra: dict[str, Any] = {}
@@ -255,7 +287,11 @@ def run_stages(cfg: Config, stages: tuple[str, ...] = STAGES, run_id: str | None
                 run.input_spec = resolve_input(cfg, run.lake.root)
                 extra = {"input": run.input_spec.listing, "path": run.input_spec.path}
             if stage == "blend":
-                extra = _mixture_input(cfg)
+                extra = _mixture_input(cfg, run.lake)
+            if stage == "search":
+                from clustermix.search.stage import target_fingerprint
+
+                extra = target_fingerprint(cfg.search)
             run.run_stage(stage, STAGE_FNS[stage], extra)
             if stage == "ingest" and "cluster" in stages:
                 n_docs = lk.num_records(run.lake.table("docs"))

@@ -8,8 +8,8 @@ is O(K) whatever the corpus size. Local paths and object-store URIs both work (p
 
 When a stage was skipped (its outputs were current), its counts come from the manifest of the run
 that wrote those outputs; when no manifest has them, from the committed tables, and ``notes`` says so.
-A ``mixtures`` table, when the search stage wrote one, holds one row per evaluated mixture with
-``iteration`` and ``score`` (higher is better) columns.
+A ``mixtures`` table, when the search stage wrote one, holds one row per trained proxy with its
+``iteration`` and ``proxy_score`` (the proxy's loss on the target set: lower is better).
 """
 
 from __future__ import annotations
@@ -264,17 +264,17 @@ def _search(run: _Run) -> dict[str, Any]:
     if dt is None:
         return {"ran": False, "note": NO_SEARCH}
     names = {f.name for f in dt.schema().fields}
-    it_col = next((c for c in ("iteration", "round") if c in names), None)
-    if it_col is None or "score" not in names:
-        return {"ran": True, "iterations": [], "note": "the mixtures table has no iteration/score columns"}
-    rows = dt.to_pyarrow_table(columns=[it_col, "score"]).to_pylist()  # one row per proxy model trained
+    if not {"iteration", "proxy_score"} <= names:
+        return {"ran": True, "iterations": [], "note": "the mixtures table has no iteration/proxy_score columns"}
+    # one row per proxy trained; the score is the proxy's loss on the target set: lower is better
+    rows = dt.to_pyarrow_table(columns=["iteration", "proxy_score"]).to_pylist()
     by_it: dict[int, list[float]] = {}
     for r in rows:
-        if r["score"] is not None:
-            by_it.setdefault(int(r[it_col]), []).append(float(r["score"]))
-    its = [{"iteration": i, "mixtures": len(s), "best": max(s), "mean": sum(s) / len(s)} for i, s in sorted(by_it.items())]
+        if r["proxy_score"] is not None:
+            by_it.setdefault(int(r["iteration"]), []).append(float(r["proxy_score"]))
+    its = [{"iteration": i, "mixtures": len(s), "best": min(s), "mean": sum(s) / len(s)} for i, s in sorted(by_it.items())]
     return {"ran": True, "mixtures": len(rows), "iterations": its,
-            "best_score": max((i["best"] for i in its), default=None)}
+            "best_score": min((i["best"] for i in its), default=None)}
 
 
 def _stage_rows(run: _Run) -> list[dict[str, Any]]:

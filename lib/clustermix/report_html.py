@@ -208,7 +208,7 @@ def _search(rep: dict[str, Any], figs: dict[str, str]) -> str:
     rows = [[str(i["iteration"]), _n(i["mixtures"]), _n(i["best"], 4), _n(i["mean"], 4)] for i in se["iterations"]]
     note = f"<p>{escape(se['note'])}</p>" if se.get("note") else ""
     return (note + _img(figs, "search", "mixture search progress")
-            + _table(["iteration", "mixtures", "best score", "mean score"], rows, (0, 1, 2, 3)))
+            + _table(["iteration", "proxies trained", "best target loss", "mean target loss"], rows, (0, 1, 2, 3)))
 
 
 def _versions(d: dict[str, Any]) -> str:

@@ -178,7 +178,7 @@ def search(rep: dict[str, Any]) -> str | None:
     ax.plot([i["iteration"] for i in its], [i["mean"] for i in its], "s--", color=BEFORE, label="mean")
     ax.set_xticks([i["iteration"] for i in its])
     ax.set_xlabel("iteration")
-    ax.set_ylabel("score")
+    ax.set_ylabel("proxy loss on the target (lower is better)")
     ax.legend(frameon=False, fontsize=9)
     ax.set_title("Mixture search progress")
     return _png(fig)
