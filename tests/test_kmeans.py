@@ -26,7 +26,7 @@ def test_assign_matches_brute_force():
 
 
 def test_partial_stats_are_sums_and_counts():
-    x = blobs(300, 8, 3)
+    x = kmeans.quantize(blobs(300, 8, 3))
     c = kmeans.normalize(x[:3])
     p = kmeans.partial_stats(x, c)
     labels = (x @ c.T).argmax(1)
@@ -36,14 +36,14 @@ def test_partial_stats_are_sums_and_counts():
     assert p.n == 300
     # fixed-point sums: any split of the points gives bit-identical totals
     halves = kmeans.partial_stats(x[:120], c) + kmeans.partial_stats(x[120:], c, chunk=7)
-    assert (halves.qsums == p.qsums).all() and (halves.counts == p.counts).all() and halves.qscore == p.qscore
+    assert (halves.sums == p.sums).all() and (halves.counts == p.counts).all() and halves.qscore == p.qscore
 
 
 def test_update_renormalises_and_reseeds_empty_clusters():
     x = blobs(200, 8, 2)
     c = kmeans.normalize(np.vstack([x[:2], -x[:1]]))  # third centroid attracts nothing
     p = kmeans.partial_stats(x, c)
-    p.counts[2], p.qsums[2] = 0, 0
+    p.counts[2], p.sums[2] = 0, 0
     new, reseeded = kmeans.update(p, c, np.random.default_rng(0))
     assert reseeded == 1
     assert np.allclose(np.linalg.norm(new, axis=1), 1.0, atol=1e-5)

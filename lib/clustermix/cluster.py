@@ -48,7 +48,7 @@ class ShardActor:
             parts.append(np.asarray(emb.flatten(), dtype=np.float32).reshape(-1, d))
             ids.append(np.asarray(batch.column("id").to_pylist(), dtype=object))
         if parts:
-            self.x = np.ascontiguousarray(np.concatenate(parts))
+            self.x = np.ascontiguousarray(kmeans.quantize(np.concatenate(parts)))
             self.ids = np.concatenate(ids)
         self.fit_mask = np.ones(len(self.x), dtype=bool)
         return len(self.x)

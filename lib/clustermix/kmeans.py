@@ -41,54 +41,55 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: i
     return labels, scores
 
 
-# Sums are kept in fixed point (value · 2^32 as int64): integer addition is exact and
-# order-free, so the fit is the same however the points are split into shards or batches.
-# |component| <= 1, so a cluster may hold 2^31 points before a sum could overflow.
-SCALE = float(2**32)
+# Determinism whatever the sharding: points are snapped to multiples of 2^-QUANTUM_BITS when a
+# shard loads them (:func:`quantize`), so every float64 sum of them is exact (53-bit mantissa: up
+# to 2^(52-QUANTUM_BITS) unit vectors per cluster) and the order of addition cannot change a bit.
+# The snap moves a component by at most 2^-21, far below what the embedding model resolves.
+QUANTUM_BITS = 20
+_Q = float(2**QUANTUM_BITS)
+SCORE_SCALE = float(2**32)  # scores are summed in fixed point for the same reason
 
 
-def _fixed(x: np.ndarray) -> np.ndarray:
-    return np.rint(np.asarray(x, dtype=np.float64) * SCALE).astype(np.int64)
+def quantize(x: np.ndarray) -> np.ndarray:
+    """Snap ``x`` (|x| <= 1) to multiples of 2^-QUANTUM_BITS, as float32 (exactly representable)."""
+    return (np.rint(np.asarray(x, dtype=np.float32) * _Q) / _Q).astype(np.float32)
 
 
 @dataclass
 class Partial:
     """One shard's contribution to a Lloyd step: O(k·d), whatever the shard's size."""
 
-    qsums: np.ndarray  # (k, d) int64, fixed point
+    sums: np.ndarray  # (k, d) float64, exact for quantized points
     counts: np.ndarray  # (k,) int64
     qscore: int  # summed cosine, fixed point
     n: int
 
     @property
-    def sums(self) -> np.ndarray:
-        return self.qsums / SCALE
-
-    @property
     def score_sum(self) -> float:
-        return self.qscore / SCALE
+        return self.qscore / SCORE_SCALE
 
     def __add__(self, other: Partial) -> Partial:
-        return Partial(self.qsums + other.qsums, self.counts + other.counts, self.qscore + other.qscore,
+        return Partial(self.sums + other.sums, self.counts + other.counts, self.qscore + other.qscore,
                        self.n + other.n)
 
 
 def partial_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 65536) -> Partial:
-    """Assign ``x`` to ``centroids`` and return per-cluster sums, counts and the summed cosine."""
+    """Assign ``x`` to ``centroids`` and return per-cluster sums, counts and the summed cosine.
+
+    Pass quantized points (:func:`quantize`) for sums that are exact whatever the chunking."""
     k, d = centroids.shape
-    qsums = np.zeros((k, d), dtype=np.int64)
+    sums = np.zeros((k, d), dtype=np.float64)
     counts = np.zeros(k, dtype=np.int64)
-    qscore = 0
     labels, scores = assign(x, centroids, use_gpu)
-    for s in range(0, len(x), chunk):  # chunks bound the int64 copy of the points
+    for s in range(0, len(x), chunk):
         lab = labels[s : s + chunk]
         order = np.argsort(lab, kind="stable")
         lab_sorted = lab[order]
         starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
-        qsums[lab_sorted[starts]] += np.add.reduceat(_fixed(x[s : s + chunk][order]), starts, axis=0)
+        sums[lab_sorted[starts]] += np.add.reduceat(x[s : s + chunk][order], starts, axis=0, dtype=np.float64)
         counts += np.bincount(lab, minlength=k)
-        qscore += int(_fixed(scores[s : s + chunk]).sum())
-    return Partial(qsums, counts, qscore, len(x))
+    qscore = int(np.rint(scores.astype(np.float64) * SCORE_SCALE).astype(np.int64).sum())
+    return Partial(sums, counts, qscore, len(x))
 
 
 def update(total: Partial, old: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
