@@ -162,14 +162,25 @@ def test_driver_killed_mid_stage_then_rerun_finishes_with_identical_tables(tmp_p
 
 
 def _kill_worker_when_busy(marker: str, cpu_seconds: float, out: dict) -> threading.Thread:
-    """Kill -9 the first Ray worker whose title contains ``marker`` once it used ``cpu_seconds``."""
+    """Kill -9 the first Ray worker whose title contains ``marker`` once it used ``cpu_seconds``.
+    Workers that already exist (say, actors of an earlier run still shutting down) are left alone."""
+    def title(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return ""
+
+    before = {p.pid for p in psutil.process_iter() if marker in title(p)}
+
     def watch() -> None:
         deadline = time.time() + 300
         while time.time() < deadline and "pid" not in out:
             for p in psutil.process_iter(["cmdline"]):
                 try:
-                    title = " ".join(p.info["cmdline"] or [])
-                    if marker in title and sum(p.cpu_times()[:2]) >= cpu_seconds:
+                    if p.pid in before:
+                        continue
+                    name = " ".join(p.info["cmdline"] or [])
+                    if marker in name and sum(p.cpu_times()[:2]) >= cpu_seconds:
                         p.send_signal(signal.SIGKILL)
                         out["pid"] = p.pid
                         return
