@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import save
 
 
 def tree_rss(proc: psutil.Process) -> int:

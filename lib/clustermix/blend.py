@@ -59,9 +59,10 @@ def quality_targets(sizes: ClusterSizes, alpha: float) -> np.ndarray:
 def mixture_targets(sizes: ClusterSizes, path: str) -> np.ndarray:
     """Weights per cluster from a JSON/YAML file; clusters it does not name get weight 0."""
     import yaml
-    from pyarrow import fs as pafs
 
-    filesystem, p = pafs.FileSystem.from_uri(path if "://" in path else "file://" + _abs(path))
+    from clustermix.lake import open_fs
+
+    filesystem, p = open_fs(path)
     with filesystem.open_input_stream(p) as fh:
         raw = fh.read().decode()
     doc = json.loads(raw) if path.endswith(".json") else yaml.safe_load(raw)
@@ -79,12 +80,6 @@ def mixture_targets(sizes: ClusterSizes, path: str) -> np.ndarray:
             raise ConfigError("blend.mixture_path", path, f"cluster {c} unknown or weight {w} negative")
         t[index[c]] = w
     return t
-
-
-def _abs(path: str) -> str:
-    from pathlib import Path
-
-    return str(Path(path).expanduser().resolve())
 
 
 def targets_for(bcfg: BlendConfig, sizes: ClusterSizes) -> np.ndarray:

@@ -82,13 +82,11 @@ class ShardActor:
         """Write (id, cluster_id, score) for every point of the shard as one Parquet file."""
         import pyarrow as pa
         import pyarrow.parquet as pq
-        from pyarrow import fs as pafs
-
         labels, scores = kmeans.assign(self.x, centroids, self.use_gpu)
         table = pa.table({"id": pa.array(self.ids.tolist(), type=pa.string()),
                           "cluster_id": pa.array(labels, type=pa.int32()),
                           "score": pa.array(scores, type=pa.float32())})
-        filesystem, base = pafs.FileSystem.from_uri(out_dir if "://" in out_dir else "file://" + out_dir)
+        filesystem, base = lk.open_fs(out_dir)
         filesystem.create_dir(base, recursive=True)
         pq.write_table(table, f"{base}/shard-{shard:05d}.parquet", filesystem=filesystem)
         return len(table)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from clustermix import contracts
 from clustermix.config import BUILTIN_PREFIX, Config, InputConfig
 from clustermix.errors import AccountingError, InputError
-from clustermix.lake import is_hidden
+from clustermix.lake import is_hidden, open_fs
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -58,7 +58,7 @@ def resolve_input(cfg: Config, lake_root: str) -> InputSpec:
             raise InputError(f"input.path {path!r} is not a Delta table")
         return InputSpec(path, fmt, {"delta_version": v})
     try:
-        filesystem, base = pafs.FileSystem.from_uri(path if "://" in path else _abs(path))
+        filesystem, base = open_fs(path)
         info = filesystem.get_file_info(base)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input.path {path!r} does not exist")
@@ -70,12 +70,6 @@ def resolve_input(cfg: Config, lake_root: str) -> InputSpec:
     if not files:
         raise InputError(f"input.path {path!r} holds no files")
     return InputSpec(path, fmt, {"files": files})
-
-
-def _abs(path: str) -> str:
-    from pathlib import Path
-
-    return str(Path(path.removeprefix("file://")).expanduser().resolve())
 
 
 def _vpath(field: str) -> str:

@@ -57,6 +57,15 @@ class Lake:
                 filesystem.delete_dir(path)
 
 
+def open_fs(uri: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and path for a local path (``~`` and relative allowed) or a URI."""
+    from pyarrow import fs as pafs
+
+    if "://" in uri and not uri.startswith("file://"):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
 def spark_path(uri: str) -> str:
     """The same location as Spark's Hadoop filesystems spell it (s3:// -> s3a://)."""
     return "s3a://" + uri[len("s3://") :] if uri.startswith("s3://") else uri
@@ -66,7 +75,7 @@ def list_parquet(uri: str) -> list[str]:
     """Non-empty Parquet files under a folder (a staging folder written by Ray or Spark)."""
     from pyarrow import fs as pafs
 
-    filesystem, base = pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + uri)
+    filesystem, base = open_fs(uri)
     infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     prefix = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     return sorted(prefix + i.path for i in infos if i.path.endswith(".parquet") and i.size and not is_hidden(i.path))

@@ -8,12 +8,10 @@ from typing import Any
 
 def write_json(uri: str, doc: dict[str, Any]) -> None:
     """Write ``doc`` to ``uri`` (local path or object-store URI) via a temporary file and a move."""
-    from pathlib import Path
-
-    from pyarrow import fs as pafs
+    from clustermix.lake import open_fs
 
     body = json.dumps(doc, indent=2, sort_keys=False, default=str).encode()
-    filesystem, path = pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + str(Path(uri).resolve()))
+    filesystem, path = open_fs(uri)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     tmp = path + ".tmp"
     with filesystem.open_output_stream(tmp) as fh:
@@ -22,10 +20,8 @@ def write_json(uri: str, doc: dict[str, Any]) -> None:
 
 
 def read_json(uri: str) -> dict[str, Any]:
-    from pathlib import Path
+    from clustermix.lake import open_fs
 
-    from pyarrow import fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + str(Path(uri).resolve()))
+    filesystem, path = open_fs(uri)
     with filesystem.open_input_stream(path) as fh:
         return json.loads(fh.read().decode())

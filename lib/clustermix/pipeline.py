@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -262,9 +261,7 @@ def _mixture_input(cfg: Config, lake: lk.Lake) -> dict[str, Any]:
     p = mixture_file(cfg, lake)
     if cfg.blend.mode != "mixture" or not p:
         return {}
-    from pyarrow import fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(p if "://" in p else "file://" + os.path.abspath(p))
+    filesystem, path = lk.open_fs(p)
     with filesystem.open_input_stream(path) as fh:
         return {"mixture_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
 

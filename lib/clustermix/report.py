@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clustermix import __version__
@@ -34,9 +33,9 @@ NO_SEARCH = "The mixture search did not run: the lake has no mixtures table."
 
 
 def _fs(uri: str) -> tuple[FileSystem, str]:
-    from pyarrow import fs as pafs
+    from clustermix.lake import open_fs
 
-    return pafs.FileSystem.from_uri(uri if "://" in uri else "file://" + str(Path(uri).resolve()))
+    return open_fs(uri)
 
 
 def _run_ids(lake: Lake) -> list[str]:

@@ -67,13 +67,13 @@ def target_fingerprint(scfg: SearchConfig) -> dict[str, Any]:
     as the stage's extra inputs, as the blend does for its mixture file)."""
     import hashlib
 
-    from pyarrow import fs as pafs
+    from clustermix.lake import open_fs
 
     p = scfg.target_path
     if p is None:
         return {}
     check_target(scfg)
-    filesystem, path = pafs.FileSystem.from_uri(p if "://" in p else "file://" + str(Path(p).resolve()))
+    filesystem, path = open_fs(p)
     digest = hashlib.sha256()
     with filesystem.open_input_stream(path) as fh:
         while chunk := fh.read(1 << 20):
