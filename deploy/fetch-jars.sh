@@ -1,17 +1,44 @@
 #!/usr/bin/env bash
-# Fetch the Delta Lake jars that match the installed delta-spark from Maven Central into the local
-# Maven repository (~/.m2/repository, or $CLUSTERMIX_MAVEN_REPO), where clustermix's offline Ivy
-# settings (and spark-submit --packages) resolve them. Idempotent: a second run downloads nothing.
+# Fetch the jars Spark needs from Maven Central into the local Maven repository (~/.m2/repository,
+# or $CLUSTERMIX_MAVEN_REPO), where clustermix's offline Ivy settings (and spark-submit --packages)
+# resolve them. Idempotent: a second run downloads nothing.
+#  - Delta Lake, matching the installed delta-spark: io.delta:delta-spark_2.13 and io.delta:delta-storage;
+#  - s3a for lakes on s3://: org.apache.hadoop:hadoop-aws at the Hadoop version pyspark bundles (its
+#    hadoop-client-api jar), plus what hadoop-aws's POM declares: the AWS SDK v2 bundle
+#    (software.amazon.awssdk:bundle, about 560 MB) and wildfly-openssl.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 DELTA_VERSION=$("$PY" -c 'from importlib.metadata import version; print(version("delta-spark"))')
+HADOOP_VERSION=$("$PY" -c 'import glob, os, pyspark
+jars = glob.glob(os.path.join(os.path.dirname(pyspark.__file__), "jars", "hadoop-client-api-*.jar"))
+print(os.path.basename(jars[0])[len("hadoop-client-api-"):-len(".jar")])')
 SCALA=2.13
 REPO=${CLUSTERMIX_MAVEN_REPO:-$HOME/.m2/repository}
 command -v mvn >/dev/null || { echo "fetch-jars: Maven (mvn) is required: apt-get install maven" >&2; exit 1; }
-for artifact in "io.delta:delta-spark_${SCALA}:${DELTA_VERSION}" "io.delta:delta-storage:${DELTA_VERSION}"; do
-  g=${artifact%%:*}; rest=${artifact#*:}; a=${rest%%:*}; v=${rest#*:}
-  jar="$REPO/${g//.//}/$a/$v/$a-$v.jar"
-  if [ -f "$jar" ]; then echo "fetch-jars: $artifact present"; continue; fi
+
+jar_path() { local g=${1%%:*} rest=${1#*:}; local a=${rest%%:*} v=${rest#*:}; echo "$REPO/${g//.//}/$a/$v/$a-$v.jar"; }
+fetch() {  # fetch ARTIFACT [extra mvn flags]: the jar and its POM (with its parent POMs)
+  local artifact=$1; shift
+  if [ -f "$(jar_path "$artifact")" ]; then echo "fetch-jars: $artifact present"; return; fi
   echo "fetch-jars: downloading $artifact into $REPO"
-  mvn -q -B dependency:get -Dartifact="$artifact" -Dmaven.repo.local="$REPO"
-done
+  mvn -q -B dependency:get -Dartifact="$artifact" -Dmaven.repo.local="$REPO" "$@"
+}
+pom_property() {  # pom_property POM NAME: a <NAME>value</NAME> property of a POM
+  sed -n "s:.*<$2>\(.*\)</$2>.*:\1:p" "$1" | head -1
+}
+
+fetch "io.delta:delta-spark_${SCALA}:${DELTA_VERSION}"
+fetch "io.delta:delta-storage:${DELTA_VERSION}"
+
+# hadoop-aws without Maven's transitive walk: its POM also names test-only artifacts (and a snapshot
+# repository) that plain dependency:get would try to fetch. Its runtime dependencies are versioned
+# in the parent hadoop-project POM; fetch exactly those.
+fetch "org.apache.hadoop:hadoop-aws:${HADOOP_VERSION}" -Dtransitive=false
+PARENT="$REPO/org/apache/hadoop/hadoop-project/${HADOOP_VERSION}/hadoop-project-${HADOOP_VERSION}.pom"
+[ -f "$PARENT" ] || mvn -q -B dependency:get -Dartifact="org.apache.hadoop:hadoop-project:${HADOOP_VERSION}:pom" \
+  -Dtransitive=false -Dmaven.repo.local="$REPO"
+AWS_SDK_VERSION=$(pom_property "$PARENT" aws-java-sdk-v2.version)
+WILDFLY_VERSION=$(pom_property "$PARENT" openssl-wildfly.version)
+[ -n "$AWS_SDK_VERSION" ] && [ -n "$WILDFLY_VERSION" ] || { echo "fetch-jars: cannot read hadoop-aws's dependency versions from $PARENT" >&2; exit 1; }
+fetch "software.amazon.awssdk:bundle:${AWS_SDK_VERSION}" -Dtransitive=false
+fetch "org.wildfly.openssl:wildfly-openssl:${WILDFLY_VERSION}" -Dtransitive=false

@@ -30,6 +30,29 @@ class LakeConfig(_Section):
     lock_stale_seconds: int = Field(3600, ge=1)
 
 
+class StorageConfig(_Section):
+    """How to reach an S3-compatible object store when ``lake.root`` or ``input.path`` is ``s3://``.
+
+    Credentials are not config: every engine uses the AWS default chain (AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY, a profile, web identity or an instance/pod role). ``clustermix.storage``
+    maps these keys to s3a, pyarrow, delta-rs and boto3 settings."""
+
+    endpoint: str | None = None  # e.g. http://minio:9000; None: AWS_ENDPOINT_URL, else AWS itself
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION
+    path_style: bool | None = None  # None: path-style URLs when an endpoint is set, virtual-hosted on AWS
+    retries: int = Field(5, ge=0)  # retries of a failed request (throttling, 5xx, network) in every engine
+    connect_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0)
+    spark_credentials_provider: str | None = None  # s3a's provider class; None: the AWS SDK's default chain
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be a URL starting with http:// or https://")
+        return v
+
+
 class SparkConfig(_Section):
     master: str | None = "local[2]"  # None: use what spark-submit provides
     app_name: str = "clustermix"
@@ -185,6 +208,7 @@ class SearchConfig(_Section):
 
 class Config(_Section):
     lake: LakeConfig = LakeConfig()
+    storage: StorageConfig = StorageConfig()
     spark: SparkConfig = SparkConfig()
     ray: RayConfig = RayConfig()
     input: InputConfig = InputConfig()
@@ -247,11 +271,16 @@ def _first_error(err: ValidationError, tree: dict[str, Any]) -> ConfigError:
 
 
 def build_config(tree: dict[str, Any]) -> Config:
-    """Validate a raw mapping into a :class:`Config`, raising one :class:`ConfigError`."""
+    """Validate a raw mapping into a :class:`Config`, raising one :class:`ConfigError`; its ``storage``
+    section becomes the process's object-store settings (:func:`clustermix.storage.configure`)."""
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise _first_error(err, tree) from None
+    from clustermix import storage
+
+    storage.configure(cfg.storage)  # every engine of this process reaches the object store the same way
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -39,3 +39,10 @@ class AccountingError(ClustermixError):
     """Records were lost: read != accepted + duplicates + quarantined."""
 
     exit_code = 4
+
+
+class StorageError(ClustermixError):
+    """The object store refuses the lake or input (no such bucket, no or wrong credentials, no
+    endpoint): a permanent error, reported at once with the path, not retried."""
+
+    exit_code = 2

@@ -50,9 +50,7 @@ class Lake:
         if self.is_local:
             shutil.rmtree(uri, ignore_errors=True)
         else:
-            from pyarrow import fs as pafs
-
-            filesystem, path = pafs.FileSystem.from_uri(uri)
+            filesystem, path = open_fs(uri)
             with contextlib.suppress(OSError):
                 filesystem.delete_dir(path)
 
@@ -61,9 +59,21 @@ def open_fs(uri: str) -> tuple[Any, str]:
     """The pyarrow filesystem and path for a local path (``~`` and relative allowed) or a URI."""
     from pyarrow import fs as pafs
 
+    from clustermix import storage
+
+    if storage.is_s3(uri):  # the configured endpoint, region and retries (clustermix.storage)
+        return storage.pyarrow_fs(), uri.split("://", 1)[1].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
+def storage_options(uri: str) -> dict[str, str] | None:
+    """delta-rs storage options for ``uri``: None for a local path; for ``s3://`` the endpoint, region
+    and retries of :mod:`clustermix.storage` (credentials come from the AWS default chain)."""
+    from clustermix import storage
+
+    return storage.delta_options(uri) or None
 
 
 def spark_path(uri: str) -> str:
@@ -96,18 +106,20 @@ def version(uri: str) -> int | None:
     """Latest committed version of the Delta table at ``uri``, or None when there is none."""
     from deltalake import DeltaTable
 
-    if not DeltaTable.is_deltatable(uri):
+    opts = storage_options(uri)
+    if not DeltaTable.is_deltatable(uri, storage_options=opts):
         return None
-    return DeltaTable(uri).version()
+    return DeltaTable(uri, storage_options=opts).version()
 
 
 def last_commit_meta(uri: str) -> dict[str, Any] | None:
     """The clustermix metadata of the latest commit of ``uri`` (None if absent or foreign)."""
     from deltalake import DeltaTable
 
-    if not DeltaTable.is_deltatable(uri):
+    opts = storage_options(uri)
+    if not DeltaTable.is_deltatable(uri, storage_options=opts):
         return None
-    hist = DeltaTable(uri).history(1)
+    hist = DeltaTable(uri, storage_options=opts).history(1)
     if not hist:
         return None
     raw = hist[0].get("userMetadata")
@@ -160,7 +172,7 @@ def num_records(uri: str) -> int:
     """Row count of the latest version from the Delta log alone (no data scan)."""
     from deltalake import DeltaTable
 
-    dt = DeltaTable(uri)
+    dt = DeltaTable(uri, storage_options=storage_options(uri))
     actions = dt.get_add_actions(flatten=True)
     if actions.num_rows == 0:
         return 0
@@ -175,17 +187,29 @@ def file_uris(uri: str, at_version: int | None = None) -> list[str]:
     """The Parquet files of one version of a table, for engines that read files (Ray, pyarrow)."""
     from deltalake import DeltaTable
 
-    dt = DeltaTable(uri, version=at_version) if at_version is not None else DeltaTable(uri)
-    return dt.file_uris()
+    return DeltaTable(uri, version=at_version, storage_options=storage_options(uri)).file_uris()
 
 
 class LakeLock:
-    """One run at a time per local lake; a lock older than ``stale_seconds`` or whose process
-    is gone is taken over. Object-store lakes rely on Delta's optimistic concurrency instead."""
+    """One run at a time per lake; a lock older than ``stale_seconds``, or whose process is gone
+    (same host), is taken over.
+
+    A local lake's lock is a file created with O_EXCL; an ``s3://`` lake's is the object
+    ``<root>/_lock.json`` created with an S3 conditional write (``If-None-Match: *``) and taken over
+    with ``If-Match`` on the stale lock's ETag, so two runs racing for it cannot both win. On S3 this
+    is what makes Delta commits safe: delta-spark's S3 LogStore is safe within one driver only.
+    Taking the lock is also the run's first request to the object store: a wrong bucket or missing
+    credentials fail there, at once, as a :class:`~clustermix.errors.StorageError`. Other object
+    stores (gs://, abfs://) get no lock."""
 
     def __init__(self, lake: Lake, run_id: str, stale_seconds: int) -> None:
-        self.path = Path(lake.root) / "_lock.json"
-        self.run_id, self.stale_seconds, self.enabled = run_id, stale_seconds, lake.is_local
+        from clustermix import storage
+
+        self.uri = f"{lake.root}/_lock.json"
+        self.path = Path(lake.root) / "_lock.json" if lake.is_local else None
+        self.remote = storage.is_s3(lake.root)
+        self.run_id, self.stale_seconds = run_id, stale_seconds
+        self.enabled = lake.is_local or self.remote
 
     def _stale(self, info: dict[str, Any]) -> bool:
         import socket
@@ -200,16 +224,31 @@ class LakeLock:
                 return True
         return False
 
-    def acquire(self) -> None:
+    def _body(self) -> dict[str, Any]:
         import socket
         import time
 
+        return {"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+
+    def _busy(self, info: dict[str, Any]) -> Exception:
+        from clustermix.errors import LakeBusyError
+
+        return LakeBusyError(
+            f"lake {self.uri.rsplit('/', 1)[0]} is in use by run {info.get('run_id')} (pid {info.get('pid')} on "
+            f"{info.get('host')}); wait for it, or remove {self.uri} if that run is dead"
+        )
+
+    def acquire(self) -> None:
         from clustermix.errors import LakeBusyError
 
         if not self.enabled:
             return
+        if self.remote:
+            self._acquire_s3()
+            return
+        assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        body = json.dumps({"run_id": self.run_id, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+        body = json.dumps(self._body())
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -221,22 +260,50 @@ class LakeLock:
                 if self._stale(info):
                     self.path.unlink(missing_ok=True)
                     continue
-                raise LakeBusyError(
-                    f"lake {self.path.parent} is in use by run {info.get('run_id')} (pid {info.get('pid')} on "
-                    f"{info.get('host')}); wait for it, or remove {self.path} if that run is dead"
-                ) from None
+                raise self._busy(info) from None
             with os.fdopen(fd, "w") as fh:
                 fh.write(body)
             return
         raise LakeBusyError(f"could not take the lock {self.path}")
 
+    def _acquire_s3(self) -> None:
+        from clustermix import storage
+        from clustermix.errors import LakeBusyError
+
+        for _ in range(3):
+            if storage.put_json_if(self.uri, self._body(), absent=True):
+                return
+            held = storage.read_json_object(self.uri)
+            if held is None:
+                continue  # released between our two requests: try again
+            info, etag = held
+            if not self._stale(info):
+                raise self._busy(info)
+            # replace the stale lock only if it is still the one we judged stale
+            if storage.put_json_if(self.uri, self._body(), etag=etag):
+                return
+        raise LakeBusyError(f"could not take the lock {self.uri}: other runs keep taking it")
+
     def release(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.remote:
+            from clustermix import storage
+            from clustermix.errors import StorageError
+
             try:
-                if json.loads(self.path.read_text()).get("run_id") == self.run_id:
-                    self.path.unlink()
-            except (OSError, ValueError):
-                pass
+                held = storage.read_json_object(self.uri)
+                if held is not None and held[0].get("run_id") == self.run_id:
+                    storage.delete_object(self.uri)
+            except (StorageError, OSError):
+                pass  # a lock left behind is taken over once stale
+            return
+        assert self.path is not None
+        try:
+            if json.loads(self.path.read_text()).get("run_id") == self.run_id:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 class TableWriter:

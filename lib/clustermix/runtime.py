@@ -30,6 +30,29 @@ def delta_package() -> str:
     return f"io.delta:delta-spark_{DELTA_SCALA}:{version('delta-spark')}"
 
 
+def hadoop_version() -> str:
+    """The Hadoop version pyspark bundles (its hadoop-client-api jar): hadoop-aws must be the same."""
+    import pyspark
+
+    jars = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    if not jars:
+        raise ClustermixError("no hadoop-client-api jar in pyspark's jars: cannot tell which hadoop-aws to use")
+    return jars[0].name.removeprefix("hadoop-client-api-").removesuffix(".jar")
+
+
+def s3a_package() -> str:
+    """hadoop-aws (s3a) at pyspark's Hadoop version; Ivy brings the AWS SDK v2 bundle its POM names."""
+    return f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"
+
+
+def uses_s3(cfg: Config) -> bool:
+    """Whether this config reads or writes ``s3://`` (then Spark needs s3a)."""
+    from clustermix import storage
+
+    paths = (cfg.lake.root, cfg.input.path, cfg.blend.mixture_path, cfg.search.target_path)
+    return any(storage.is_s3(p) for p in paths)
+
+
 def maven_repo(cfg: SparkConfig) -> Path:
     return Path(cfg.maven_repo or os.environ.get("CLUSTERMIX_MAVEN_REPO", "~/.m2/repository")).expanduser()
 
@@ -69,15 +92,24 @@ def spark_session(cfg: Config) -> SparkSession:
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
     }
+    s3 = uses_s3(cfg)
+    if s3:
+        from clustermix import storage
+
+        conf.update(storage.spark_conf())  # s3a endpoint, region, retries; Delta's S3 LogStore
     if sc.delta_jars != "none":
-        conf["spark.jars.packages"] = delta_package()
+        # s3a only when a path needs it: the AWS SDK bundle is a large jar to put on every classpath
+        conf["spark.jars.packages"] = ",".join([delta_package()] + ([s3a_package()] if s3 else []))
     if sc.delta_jars == "local-m2":
         repo = maven_repo(sc)
-        jar_dir = repo / "io" / "delta" / f"delta-spark_{DELTA_SCALA}"
-        if not jar_dir.is_dir():
-            raise ClustermixError(
-                f"Delta jars not found under {jar_dir}; run `make setup` (or deploy/fetch-jars.sh) first"
-            )
+        jar_dirs = [repo / "io" / "delta" / f"delta-spark_{DELTA_SCALA}"]
+        if s3:
+            jar_dirs.append(repo / "org" / "apache" / "hadoop" / "hadoop-aws" / hadoop_version())
+        for jar_dir in jar_dirs:
+            if not jar_dir.is_dir():
+                raise ClustermixError(
+                    f"jars not found under {jar_dir}; run `make setup` (or deploy/fetch-jars.sh) first"
+                )
         ivy_home = Path(os.environ.get("CLUSTERMIX_IVY_HOME", Path.home() / ".cache" / "clustermix" / "ivy"))
         conf["spark.jars.ivySettings"] = str(_offline_ivy_settings(repo, ivy_home))
         conf["spark.jars.ivy"] = str(ivy_home)
@@ -101,6 +133,10 @@ def ray_init(cfg: Config) -> None:
         "configure_logging": True,
         "logging_level": logging.WARNING,
     }
+    from clustermix import storage
+
+    if env := storage.ray_env():  # workers on other machines reach the object store as configured
+        kwargs["runtime_env"] = {"env_vars": env}
     if cfg.ray.address:
         kwargs["address"] = cfg.ray.address
     else:
