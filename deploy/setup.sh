@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh machine: a virtual environment with the pinned Python packages
-# (PyPI only), and the Delta jars in the local Maven repository (Maven Central only).
+# (PyPI only; the dev extra brings pytest and moto[server], the S3 server tests/test_s3.py runs on
+# loopback), and the Delta and s3a jars in the local Maven repository (Maven Central only).
 # Safe to rerun: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."

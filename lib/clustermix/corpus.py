@@ -43,7 +43,9 @@ def materialize(name: str, root: str) -> str:
     """Write builtin corpus ``name`` as JSONL under ``<root>/_builtin/`` and return its path."""
     from pyarrow import fs as pafs
 
-    filesystem, base = pafs.FileSystem.from_uri(root if "://" in root else str(Path(root).resolve()))
+    from clustermix.lake import open_fs
+
+    filesystem, base = open_fs(root)  # on s3:// the configured endpoint, region and retries
     target = f"{base.rstrip('/')}/_builtin/{name}.jsonl"
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in iter_records(name)).encode()
     info = filesystem.get_file_info(target)

@@ -111,18 +111,21 @@ class _Run:
         from deltalake import DeltaTable
         from deltalake.exceptions import DeltaError
 
+        from clustermix.lake import storage_options
+
         uri = self.lake.table(name)
+        opts = storage_options(uri)  # the object store's endpoint, region and retries
         recorded = name in (self.m.get("tables") or {})
         v = self.version(name)
-        if (recorded and v is None) or not DeltaTable.is_deltatable(uri):
+        if (recorded and v is None) or not DeltaTable.is_deltatable(uri, storage_options=opts):
             return None
         if v is None:
-            return DeltaTable(uri)
+            return DeltaTable(uri, storage_options=opts)
         try:
-            return DeltaTable(uri, version=v)
+            return DeltaTable(uri, version=v, storage_options=opts)
         except DeltaError:
             self.notes.append(f"{name}: version {v} is no longer readable (vacuumed?); read the latest instead")
-            return DeltaTable(uri)
+            return DeltaTable(uri, storage_options=opts)
 
 
 def _rows(dt: DeltaTable) -> int:

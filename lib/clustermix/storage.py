@@ -166,12 +166,15 @@ def ray_env() -> dict[str, str]:
         env["AWS_ENDPOINT_URL"] = cfg.endpoint
     if cfg is not None and cfg.region:
         env["AWS_REGION"] = cfg.region
+    if settings().allow_http:
+        env["AWS_ALLOW_HTTP"] = "true"  # delta-rs refuses http:// endpoints without it
     return env
 
 
 def apply_env() -> None:
-    """Export the configured endpoint/region as AWS env vars, so that clients that resolve a URI on
-    their own (Ray Data's readers and writers, in this process and in local workers) use them too."""
+    """Export the configured endpoint/region (and AWS_ALLOW_HTTP for an http:// endpoint) as AWS env
+    vars, so that clients that resolve a URI on their own (Ray Data's readers and writers, a
+    ``DeltaTable`` opened without :func:`delta_options`, local Ray workers) reach the same store."""
     for key, value in ray_env().items():
         os.environ[key] = value
 
