@@ -131,6 +131,19 @@ def test_choose_keeps_the_best_and_draws_the_rest_from_the_top():
     assert spearman(np.ones(4), np.arange(4)) is None
 
 
+def test_spearman_gives_tied_predictions_their_average_rank():
+    # LightGBM on tens of points often predicts the same score for several candidates; the
+    # correlation must not depend on the order the tied ones happen to be listed in
+    pred = np.array([6.50, 6.50, 6.52, 6.53, 6.55])
+    actual = np.array([6.51, 6.49, 6.53, 6.52, 6.56])
+    swapped = [1, 0, 2, 3, 4]
+    rho = spearman(pred, actual)
+    assert rho == pytest.approx(spearman(pred[swapped], actual[swapped]))
+    ra = np.array([1.5, 1.5, 3, 4, 5])  # average ranks of pred, by hand
+    rb = np.array([2, 1, 4, 3, 5])
+    assert rho == pytest.approx(np.corrcoef(ra, rb)[0, 1])
+
+
 def test_the_loop_improves_on_a_known_function_and_is_deterministic():
     space = build_space(np.arange(5), np.full(5, 1000), budget=1000, clip=1)
     scfg = SearchConfig(iterations=[16, 8, 8], candidates=500, top_fraction=0.05, seed=11)

@@ -70,9 +70,12 @@ def choose(pred: np.ndarray, n: int, top_fraction: float, rng: np.random.Generat
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Rank correlation of two score vectors (None when undefined: fewer than 3 or constant)."""
+    """Spearman's rank correlation of two score vectors, tied values sharing their average rank
+    (the predictor often gives several candidates the same score); None when undefined: fewer
+    than 3 or constant."""
+    from scipy.stats import spearmanr
+
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b)[0])
