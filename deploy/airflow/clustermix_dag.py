@@ -1,15 +1,16 @@
-"""Airflow DAG: the clustermix nightly refresh at 02:00, one BashOperator per stage, in pipeline order.
+"""Airflow DAG: the clustermix nightly refresh at 02:00, then the run's report.
 
-Copy this file into the Airflow dags folder; set CLUSTERMIX_HOME, where Airflow parses and runs
-the DAG, to a checkout where `make setup` has run (default /opt/clustermix). Each task runs one stage as its own process with
-conf/nightly.yaml; a stage whose outputs are already current for its inputs is skipped.
+Copy this file into the Airflow dags folder; set CLUSTERMIX_HOME, where Airflow parses and runs the
+DAG, to a checkout where `make setup` has run (default /opt/clustermix). `clustermix refresh` is one
+task because it decides inside (new files or not, keep the clustering or refit on drift) and is
+idempotent: a retried or repeated task writes no data table twice. Set `spark.master` and
+`ray.address` in conf/nightly.yaml to run it against clusters instead of locally.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import datetime
-from itertools import pairwise
+from datetime import datetime, timedelta
 
 try:  # Airflow 3
     from airflow.providers.standard.operators.bash import BashOperator
@@ -19,7 +20,7 @@ except ImportError:  # Airflow 2
     from airflow.operators.bash import BashOperator
 
 CLUSTERMIX_HOME = os.environ.get("CLUSTERMIX_HOME", "/opt/clustermix")
-STAGES = ["ingest", "embed", "cluster", "stats", "sample", "blend"]
+CONFIG = os.environ.get("CLUSTERMIX_CONFIG", "conf/nightly.yaml")
 
 with DAG(
     dag_id="clustermix_nightly",
@@ -27,15 +28,17 @@ with DAG(
     start_date=datetime(2025, 1, 1),
     catchup=False,
     max_active_runs=1,
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=10)},
     tags=["clustermix"],
 ) as dag:
-    tasks = [
-        BashOperator(
-            task_id=stage,
-            bash_command=f".venv/bin/clustermix {stage} --config conf/nightly.yaml",
-            cwd=CLUSTERMIX_HOME,
-        )
-        for stage in STAGES
-    ]
-    for upstream, downstream in pairwise(tasks):
-        upstream >> downstream
+    refresh = BashOperator(
+        task_id="refresh",
+        bash_command=f".venv/bin/clustermix refresh --config {CONFIG}",
+        cwd=CLUSTERMIX_HOME,
+    )
+    report = BashOperator(
+        task_id="report",
+        bash_command=f".venv/bin/clustermix report --config {CONFIG}",
+        cwd=CLUSTERMIX_HOME,
+    )
+    refresh >> report

@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run ingest, embed, cluster, stats, sample, search (when search.target_path "
                                    "or search.target_domain is set) and blend in order.")
     _common(p)
+    p = sub.add_parser(
+        "refresh", help="nightly: ingest only new input files, assign them to the existing clusters, remix",
+        description="Take only the input files that are new or changed since the last refresh, embed the new "
+                    "documents, assign them to the existing centroids (refitting k-means when drift passes the "
+                    "refresh.* thresholds, or with --recluster), then rerun stats, sample and blend. The first "
+                    "refresh of a lake runs every stage over all input. A refresh with nothing new writes no data "
+                    "table; every refresh appends one row to the lake's `runs` table.")
+    _common(p)
+    p.add_argument("--recluster", action="store_true", help="refit k-means on everything whatever the drift")
     for stage, text in STAGE_HELP.items():
         p = sub.add_parser(stage, help=text, description=f"Run one stage: {text}.")
         _common(p)
@@ -57,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
 def summary_lines(manifest: dict[str, Any]) -> list[str]:
     """The short summary printed at the end of a run."""
     st = manifest.get("stages", {})
-    lines = [f"run {manifest['run_id']}: {manifest.get('outcome')}", f"lake: {manifest['lake_root']}"]
+    lines = [f"{manifest.get('mode', 'run')} {manifest['run_id']}: {manifest.get('outcome')}",
+             f"lake: {manifest['lake_root']}"]
+    if "inputs_taken" in manifest:
+        lines.append(f"input files taken: {len(manifest['inputs_taken'])}")
+    drift = manifest.get("drift")
+    if drift:
+        lines.append(f"drift: {drift.get('new_docs')} new docs, score drop {drift.get('score_drop')}, share shift "
+                     f"{drift.get('share_shift')}, far {drift.get('far_fraction')} -> {drift.get('decision')}"
+                     + (f" ({'; '.join(drift['reasons'])})" if drift.get("reasons") else ""))
     ing = st.get("ingest", {}).get("counts")
     if ing:
         reasons = ", ".join(f"{k}={v}" for k, v in ing["quarantined_by_reason"].items()) or "none"
@@ -103,9 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             return _report_commands(args, cfg.lake.root)
         from clustermix.pipeline import default_stages, run_stages
 
-        stages = default_stages(cfg) if args.command == "run" else (args.command,)
         try:
-            run = run_stages(cfg, stages, run_id=args.run_id)
+            if args.command == "refresh":
+                from clustermix.refresh import run_refresh
+
+                run = run_refresh(cfg, recluster=args.recluster, run_id=args.run_id)
+            else:
+                stages = default_stages(cfg) if args.command == "run" else (args.command,)
+                run = run_stages(cfg, stages, run_id=args.run_id)
         finally:
             _shutdown()
     except ClustermixError as exc:
@@ -131,8 +153,9 @@ def _report_commands(args: argparse.Namespace, lake_root: str) -> int:
     if not runs:
         print(f"no runs under {lake_root}")
     for r in runs:
-        print(f"{r['run_id']}  {r.get('outcome') or '?':<10} started {r.get('started_at')}  "
-              f"blended v{r.get('blended_version')}  report {'yes' if r.get('has_report') else 'no'}")
+        drift = f"  drift: {r['decision']}" if r.get("decision") else ""
+        print(f"{r['run_id']}  {r.get('mode', 'run'):<9} {r.get('outcome') or '?':<10} started {r.get('started_at')}  "
+              f"blended v{r.get('blended_version')}  report {'yes' if r.get('has_report') else 'no'}{drift}")
     return 0
 
 

@@ -82,14 +82,36 @@ class ShardActor:
         """Write (id, cluster_id, score) for every point of the shard as one Parquet file."""
         import pyarrow as pa
         import pyarrow.parquet as pq
-        labels, scores = kmeans.assign(self.x, centroids, self.use_gpu)
-        table = pa.table({"id": pa.array(self.ids.tolist(), type=pa.string()),
-                          "cluster_id": pa.array(labels, type=pa.int32()),
-                          "score": pa.array(scores, type=pa.float32())})
+
+        table = assignment_table(pa.array(self.ids.tolist(), type=pa.string()), self.x, centroids, self.use_gpu)
         filesystem, base = lk.open_fs(out_dir)
         filesystem.create_dir(base, recursive=True)
         pq.write_table(table, f"{base}/shard-{shard:05d}.parquet", filesystem=filesystem)
         return len(table)
+
+
+def assignment_table(ids: Any, x: np.ndarray, centroids: np.ndarray, use_gpu: bool) -> Any:
+    """(id, cluster_id, score) of unit vectors ``x`` (already quantised) against ``centroids``."""
+    import pyarrow as pa
+
+    labels, scores = kmeans.assign(x, centroids, use_gpu)
+    return pa.table({"id": ids, "cluster_id": pa.array(labels, type=pa.int32()),
+                     "score": pa.array(scores, type=pa.float32())})
+
+
+class Assigner:
+    """Ray Data callable class: nearest existing centroid for each embedding of a batch (a refresh
+    assigns new documents without refitting). Points are quantised as the fit quantised them."""
+
+    def __init__(self, centroids: np.ndarray, use_gpu: bool = False) -> None:
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.use_gpu = use_gpu
+
+    def __call__(self, batch: Any) -> Any:
+        emb = batch.column("embedding").combine_chunks()
+        d = self.centroids.shape[1]
+        x = kmeans.quantize(np.asarray(emb.flatten(), dtype=np.float32).reshape(-1, d))
+        return assignment_table(batch.column("id"), x, self.centroids, self.use_gpu)
 
 
 @dataclass
@@ -274,3 +296,45 @@ def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str,
     return {"k": cfg.k, "n_points": res.n_points, "n_fitted": res.n_fitted, "fit_fraction": res.fraction,
             "niter_run": niter, "objective": round(best.objective, 6), "reseeded": best.reseeded,
             "gpu": res.use_gpu, "seconds": round(res.seconds, 2)}
+
+
+def read_centroids(spark: SparkSession, lake: Lake) -> np.ndarray:
+    """The current centroids as a (k, d) float32 array (K rows to the driver)."""
+    rows = lk.read(spark, lake, "centroids").select("cluster_id", "centroid").orderBy("cluster_id").collect()
+    return np.asarray([r["centroid"] for r in rows], dtype=np.float32)
+
+
+def assign_missing(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str, emb_version: int,
+                   centroids: np.ndarray, run_id: str) -> tuple[str | None, int]:
+    """Assign every embedding of ``model`` that has no assignment yet to its nearest centroid.
+
+    Returns the staging folder of (id, cluster_id, score) Parquet (None when nothing was missing)
+    and the number of documents assigned; the caller commits it or refits instead.
+    """
+    import pyarrow.parquet as pq
+    import ray
+    from pyspark.sql import functions as F
+
+    emb = lk.read(spark, lake, "embeddings", emb_version).where(F.col("model") == model).select("id", "embedding")
+    todo = emb.join(lk.read(spark, lake, "assignments").select("id"), "id", "left_anti")
+    staging_in = lake.staging("assign_todo", run_id)
+    todo.write.mode("overwrite").parquet(lk.spark_path(staging_in))
+    files = lk.list_parquet(staging_in)
+    n = 0
+    for f in files:
+        filesystem, path = lk.open_fs(f)
+        with filesystem.open_input_file(path) as fh:
+            n += pq.ParquetFile(fh).metadata.num_rows
+    if not n:
+        lake.remove(staging_in)
+        return None, 0
+    log.info("assigning %d new documents to the %d existing centroids", n, len(centroids))
+    use_gpu = _gpu_wanted(cfg)
+    out_dir = lake.staging("assignments", run_id)
+    (ray.data.read_parquet(files)
+     .map_batches(Assigner, fn_constructor_kwargs={"centroids": centroids, "use_gpu": use_gpu},
+                  batch_format="pyarrow", batch_size=65536, concurrency=cfg.num_shards,
+                  num_cpus=shard_cpus(cfg), num_gpus=1 if use_gpu else None, max_task_retries=3)
+     .write_parquet(out_dir))
+    lake.remove(staging_in)
+    return out_dir, n

@@ -206,6 +206,18 @@ class SearchConfig(_Section):
         return self
 
 
+class RefreshConfig(_Section):
+    """When a nightly refresh refits k-means instead of assigning new documents to the old centroids.
+
+    Any one figure over its threshold triggers the refit (see :mod:`clustermix.drift`)."""
+
+    max_score_drop: float = Field(0.05, ge=0, le=2)  # old docs' mean cosine minus the new docs'
+    max_share_shift: float = Field(0.10, ge=0, le=1)  # total variation: cluster shares after vs before
+    far_score: float = Field(0.30, ge=-1, le=1)  # a new doc below this cosine to every centroid is "far"
+    max_far_fraction: float = Field(0.20, ge=0, le=1)  # share of new docs that are far
+    min_new_docs: int = Field(100, ge=1)  # fewer new docs than this: figures too noisy to refit on
+
+
 class Config(_Section):
     lake: LakeConfig = LakeConfig()
     storage: StorageConfig = StorageConfig()
@@ -219,6 +231,7 @@ class Config(_Section):
     sample: SampleConfig
     blend: BlendConfig = BlendConfig()
     search: SearchConfig = SearchConfig()
+    refresh: RefreshConfig = RefreshConfig()
 
     def section_hash(self, *names: str) -> str:
         """A stable hash of some sections, used to tell whether a stage's output is current."""

@@ -39,6 +39,16 @@ class InputSpec:
     path: str
     format: str
     listing: dict[str, Any]
+    # set by a refresh: only these files (as Spark spells them) are read, not everything under path
+    files: tuple[str, ...] | None = None
+
+    def spark_files(self) -> list[str]:
+        """Every listed file as Spark spells it (local path, or s3a://bucket/key)."""
+        from clustermix.lake import spark_path
+
+        scheme = self.path.split("://", 1)[0] + "://" if "://" in self.path and not self.path.startswith(
+            "file://") else ""
+        return [spark_path(scheme + p) for p in sorted(self.listing.get("files", {}))]
 
 
 def resolve_input(cfg: Config, lake_root: str) -> InputSpec:
@@ -84,7 +94,7 @@ def _lines(spark: SparkSession, spec: InputSpec) -> DataFrame:
         # only \n ends a record: Spark's default also splits on a bare \r, which would cut a record
         # in two (a CRLF's \r is stripped below)
         spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "[!._]*")
-        .option("lineSep", "\n").text(spec.path)
+        .option("lineSep", "\n").text(list(spec.files) if spec.files is not None else spec.path)
         .select(
             F.col("value"),
             F.col("_metadata.file_path").alias("source_file"),
@@ -136,7 +146,7 @@ def _columnar(spark: SparkSession, spec: InputSpec, icfg: InputConfig) -> DataFr
     reader = spark.read.format(spec.format)
     if spec.format == "parquet":
         reader = reader.option("recursiveFileLookup", "true").option("pathGlobFilter", "[!._]*")
-    df = reader.load(spec.path)
+    df = reader.load(list(spec.files)) if spec.files is not None else reader.load(spec.path)
     names = set(df.columns)
     if icfg.text_field not in names:
         raise InputError(
@@ -198,11 +208,18 @@ def classify(df: DataFrame, max_chars: int, chars_per_token: float) -> DataFrame
         .when((ik == "STRING") & F.col("_id").rlike(r"(?U)^\s*$"), "bad_id")
         .when(qk.isNotNull() & (qk != "VOID") & ~qk.rlike(_NUMERIC), "quality_not_a_number")
     )
+    # A refresh adds the already-accepted documents its new records could clash with as ``_prior``
+    # rows: valid whatever today's checks say, and first in every window, so they always win.
+    prior = "_prior" in df.columns
+    if prior:
+        reason = F.when(F.col("_prior"), F.lit(None).cast("string")).otherwise(reason)
     text_hash = F.sha2(text, 256)
     df = df.withColumn("reason", reason).withColumn("text_hash", F.when(reason.isNull(), text_hash))
     df = df.withColumn("id", F.when(F.col("reason").isNull(),
                                     F.coalesce(F.col("_id"), F.substring("text_hash", 1, 24))))
-    order = ["source_file", "_block", "_row"]
+    order: list[Any] = ["source_file", "_block", "_row"]
+    if prior:
+        order = [F.col("_prior").desc(), *order]
     valid = F.col("reason").isNull()
     # An id's first record wins; a later one with the same text is a duplicate, other text is quarantined.
     w_id = Window.partitionBy("id").orderBy(*order)
@@ -238,30 +255,39 @@ def candidates(spark: SparkSession, spec: InputSpec, icfg: InputConfig) -> DataF
 def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, write: TableWriter) -> dict[str, Any]:
     """Classify every record, write the three tables through ``write(name, df)``, prove the accounting."""
     from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     df = classify(candidates(spark, spec, cfg.input), cfg.ingest.max_chars, cfg.ingest.chars_per_token)
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
-        run = F.lit(run_id)
-        docs = df.where(F.col("outcome") == "accepted").select(
-            "id", F.col("_text").alias("text"), "domain", F.col("_q").alias("quality"), "lang", "n_chars",
-            "n_tokens", "text_hash", "source_file", F.current_timestamp().alias("ingested_at"), run.alias("run_id"))
-        quarantine = df.where(F.col("outcome") == "quarantined").select(
-            "raw", "reason", "source_file", run.alias("run_id"))
-        duplicates = df.where(F.col("outcome") == "duplicate").select(
-            "id", "duplicate_of", "source_file", run.alias("run_id"))
-        versions = {
-            "docs": write("docs", contracts.check(docs, "docs")),
-            "quarantine": write("quarantine", contracts.check(quarantine, "quarantine")),
-            "duplicates": write("duplicates", contracts.check(duplicates, "duplicates")),
-        }
+        versions = {name: write(name, contracts.check(frame, name)) for name, frame in _outputs(df, run_id).items()}
     finally:
         df.unpersist()
+    result = _result(counts, versions)
+    verify_accounting(result, write.lake)
+    return result
+
+
+def _outputs(df: DataFrame, run_id: str) -> dict[str, DataFrame]:
+    """The three ingest tables from classified records."""
+    from pyspark.sql import functions as F
+
+    run = F.lit(run_id)
+    return {
+        "docs": df.where(F.col("outcome") == "accepted").select(
+            "id", F.col("_text").alias("text"), "domain", F.col("_q").alias("quality"), "lang", "n_chars",
+            "n_tokens", "text_hash", "source_file", F.current_timestamp().alias("ingested_at"), run.alias("run_id")),
+        "quarantine": df.where(F.col("outcome") == "quarantined").select("raw", "reason", "source_file",
+                                                                         run.alias("run_id")),
+        "duplicates": df.where(F.col("outcome") == "duplicate").select("id", "duplicate_of", "source_file",
+                                                                       run.alias("run_id")),
+    }
+
+
+def _result(counts: dict[tuple[str, str | None], int], versions: dict[str, int]) -> dict[str, Any]:
     by_outcome = {o: sum(c for (oo, _), c in counts.items() if oo == o) for o in ("accepted", "duplicate", "quarantined")}
     reasons = {r: c for (o, r), c in sorted(counts.items(), key=lambda kv: str(kv[0])) if o == "quarantined"}
-    result = {
+    return {
         "read": sum(counts.values()),
         "accepted": by_outcome["accepted"],
         "duplicates": by_outcome["duplicate"],
@@ -269,8 +295,6 @@ def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, w
         "quarantined_by_reason": reasons,
         "versions": versions,
     }
-    verify_accounting(result, write.lake)
-    return result
 
 
 def verify_accounting(result: dict[str, Any], lake: Lake) -> None:
@@ -283,3 +307,83 @@ def verify_accounting(result: dict[str, Any], lake: Lake) -> None:
         raise AccountingError(
             f"ingest lost records: read {result['read']} but tables hold docs={written['docs']} "
             f"duplicates={written['duplicates']} quarantine={written['quarantine']}")
+
+
+# ``source_file`` as stored (Spark's ``_metadata.file_path``) spells a local file ``file:/x``, while a
+# qualified Hadoop path spells it ``file:///x``: rows are matched on this normal form of both.
+SOURCE_KEY = "regexp_replace(source_file, '^file:/+', 'file:///')"
+
+
+def spark_source_uris(spark: SparkSession, paths: list[str]) -> list[str]:
+    """``paths`` qualified and URL-encoded as Spark records them, in the normal form of :data:`SOURCE_KEY`,
+    so the rows already ingested from them can be found."""
+    import re
+
+    jvm, conf = spark._jvm, spark._jsc.hadoopConfiguration()  # type: ignore[union-attr]
+    out = []
+    for p in paths:
+        hp = jvm.org.apache.hadoop.fs.Path(p)
+        out.append(re.sub(r"^file:/+", "file:///", str(hp.getFileSystem(conf).makeQualified(hp).toUri().toString())))
+    return out
+
+
+def sql_in(column: str, values: list[str]) -> str:
+    """A SQL ``column IN (...)`` predicate over string literals (escaped for Spark SQL)."""
+    lits = ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
+    return f"{column} IN ({lits})"
+
+
+def _prior_rows(spark: SparkSession, lake: Lake, new: DataFrame, replaced: str) -> DataFrame:
+    """Accepted documents (not from files being re-taken) that share an id or a text with a new record,
+    shaped as candidate records; found with semi-joins so the docs table is scanned, not shuffled."""
+    from pyspark.sql import functions as F
+
+    from clustermix.lake import read
+
+    docs = read(spark, lake, "docs").where(f"NOT ({replaced})")
+    keys = new.select(F.col("_id").alias("id"), F.sha2("_text", 256).alias("text_hash")).where(
+        F.col("_text").isNotNull())
+    by_id = docs.join(keys.select("id").where(F.col("id").isNotNull()).distinct(), "id", "left_semi")
+    by_hash = docs.join(keys.select("text_hash").distinct(), "text_hash", "left_semi")
+    hits = by_id.unionByName(by_hash).dropDuplicates(["id"])
+    return hits.select(
+        F.lit(None).cast("string").alias("raw"), "source_file", F.lit(0).cast("bigint").alias("_block"),
+        F.lit(0).cast("bigint").alias("_row"), F.lit(True).alias("_utf8"), F.lit(True).alias("_parsed"),
+        F.lit(True).alias("_object"), F.lit("STRING").alias("_id_kind"), F.col("id").alias("_id"),
+        F.lit("STRING").alias("_text_kind"), F.col("text").alias("_text"), F.lit("DOUBLE").alias("_q_kind"),
+        F.col("quality").alias("_q"), "domain", "lang", F.lit(True).alias("_prior"))
+
+
+def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, write: TableWriter,
+                         lake: Lake) -> dict[str, Any]:
+    """Ingest only ``spec.files`` into the existing tables (a nightly refresh).
+
+    Each table gets one Delta transaction that replaces whatever rows came from these files before
+    (``replaceWhere`` on ``source_file``): a refresh that died half-way is redone, never doubled.
+    A new record whose text or id is already accepted is a duplicate (or a ``duplicate_id``), exactly
+    as if every file had been ingested together.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from clustermix.lake import read
+
+    assert spec.files is not None
+    replaced = sql_in(SOURCE_KEY, spark_source_uris(spark, list(spec.files)))
+    new = candidates(spark, spec, cfg.input).withColumn("_prior", F.lit(False))
+    both = new.unionByName(_prior_rows(spark, lake, new, replaced))
+    df = classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior"))
+    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
+        versions = {name: write(name, contracts.check(frame, name), replace_where=replaced)
+                    for name, frame in _outputs(df, run_id).items()}
+    finally:
+        df.unpersist()
+    result = _result(counts, versions)
+    # count what the committed versions hold from these files (commit metrics would also count rows
+    # Delta copied while rewriting a file)
+    written = {name: read(spark, lake, name, v).where(replaced).count() for name, v in versions.items()}
+    if sum(written.values()) != result["read"] or written["docs"] != result["accepted"]:
+        raise AccountingError(f"refresh ingest lost records: read {result['read']} but wrote {written}")
+    return result

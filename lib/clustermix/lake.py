@@ -142,14 +142,16 @@ def is_current(uris: list[str], fp: str) -> bool:
 
 
 def write(df: DataFrame, lake: Lake, name: str, meta: dict[str, Any], *, partition_by: list[str] | None = None,
-          max_records_per_file: int | None = None) -> int:
-    """Overwrite table ``name`` with ``df`` in one Delta transaction; return the new version."""
-    writer = (
-        df.write.format("delta")
-        .mode("overwrite")
-        .option("overwriteSchema", "true")
-        .option("userMetadata", json.dumps(meta, sort_keys=True))
-    )
+          max_records_per_file: int | None = None, replace_where: str | None = None) -> int:
+    """Overwrite table ``name`` with ``df`` in one Delta transaction; return the new version.
+
+    With ``replace_where`` (a SQL predicate), only the rows matching it are replaced, atomically,
+    and the table is created if it does not exist yet."""
+    writer = df.write.format("delta").mode("overwrite").option("userMetadata", json.dumps(meta, sort_keys=True))
+    if replace_where and version(lake.table(name)) is not None:
+        writer = writer.option("replaceWhere", replace_where)
+    else:
+        writer = writer.option("overwriteSchema", "true")
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     if max_records_per_file:

@@ -7,12 +7,13 @@ its config section(s) and the Delta versions of its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ OUTPUTS = {
     "ingest": ("docs", "quarantine", "duplicates"),
     "embed": ("embeddings",),
     "cluster": ("centroids", "assignments"),
+    "assign": ("assignments",),  # refresh only: new documents to the existing centroids (or a refit)
     "stats": ("cluster_stats",),
     "sample": ("sample_plan",),
     "search": ("mixtures",),
@@ -45,6 +47,7 @@ INPUTS = {
     "ingest": (),
     "embed": ("docs",),
     "cluster": ("embeddings",),
+    "assign": ("embeddings", "centroids"),
     "stats": ("docs", "assignments", "centroids"),
     "sample": ("cluster_stats", "assignments", "docs"),
     "search": ("docs", "assignments", "centroids"),
@@ -144,6 +147,8 @@ def config_hash(cfg: Config, stage: str) -> str:
         return hashlib.sha256(repr(sorted(keys.items())).encode()).hexdigest()[:16]
     if stage == "cluster":
         return cfg.section_hash("cluster") + _model_hash(cfg)
+    if stage == "assign":
+        return cfg.section_hash("cluster", "refresh") + _model_hash(cfg)
     if stage == "stats":
         return cfg.section_hash("stats")
     if stage == "sample":
@@ -266,35 +271,40 @@ def _mixture_input(cfg: Config, lake: lk.Lake) -> dict[str, Any]:
         return {"mixture_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
 
 
-def run_stages(cfg: Config, stages: tuple[str, ...] | None = None, run_id: str | None = None,
-               spark: SparkSession | None = None) -> Run:
-    """Run ``stages`` (default: :func:`default_stages`) in pipeline order under the lake lock."""
-    stages = default_stages(cfg) if stages is None else stages
+def run_one(run: Run, stage: str, stages: tuple[str, ...] = ALL_STAGES) -> dict[str, Any]:
+    """Run (or skip, when current) one core stage of ``run`` with the inputs it depends on."""
+    cfg = run.cfg
+    extra: dict[str, Any] = {}
+    if stage == "ingest":
+        from clustermix.ingest import resolve_input
+
+        run.input_spec = resolve_input(cfg, run.lake.root)
+        extra = {"input": run.input_spec.listing, "path": run.input_spec.path}
+    if stage == "blend":
+        extra = _mixture_input(cfg, run.lake)
+    if stage == "search":
+        from clustermix.search.stage import target_fingerprint
+
+        extra = target_fingerprint(cfg.search)
+    rec = run.run_stage(stage, STAGE_FNS[stage], extra)
+    if stage == "ingest" and "cluster" in stages:
+        n_docs = lk.num_records(run.lake.table("docs"))
+        if cfg.cluster.k > n_docs:
+            raise DataError(f"config error: cluster.k={cfg.cluster.k}: greater than the {n_docs} accepted documents")
+    return rec
+
+
+@contextlib.contextmanager
+def session(cfg: Config, run_id: str | None = None, spark: SparkSession | None = None,
+            mode: str = "run") -> Iterator[Run]:
+    """A run under the lake lock: its outcome, tables and error land in the manifest and the ``runs`` table
+    whatever happens."""
     run = Run(cfg, run_id, spark)
+    run.manifest["mode"] = mode
     lock = lk.LakeLock(run.lake, run.run_id, cfg.lake.lock_stale_seconds)
     lock.acquire()
     try:
-        for stage in ALL_STAGES:
-            if stage not in stages:
-                continue
-            extra: dict[str, Any] = {}
-            if stage == "ingest":
-                from clustermix.ingest import resolve_input
-
-                run.input_spec = resolve_input(cfg, run.lake.root)
-                extra = {"input": run.input_spec.listing, "path": run.input_spec.path}
-            if stage == "blend":
-                extra = _mixture_input(cfg, run.lake)
-            if stage == "search":
-                from clustermix.search.stage import target_fingerprint
-
-                extra = target_fingerprint(cfg.search)
-            run.run_stage(stage, STAGE_FNS[stage], extra)
-            if stage == "ingest" and "cluster" in stages:
-                n_docs = lk.num_records(run.lake.table("docs"))
-                if cfg.cluster.k > n_docs:
-                    raise DataError(f"config error: cluster.k={cfg.cluster.k}: greater than the {n_docs} "
-                                    "accepted documents")
+        yield run
         run.manifest["outcome"] = "succeeded"
     except BaseException as exc:
         run.manifest["outcome"] = "failed"
@@ -305,6 +315,29 @@ def run_stages(cfg: Config, stages: tuple[str, ...] | None = None, run_id: str |
         run.manifest["tables"] = {t: lk.version(run.lake.table(t)) for outs in OUTPUTS.values() for t in outs}
         try:
             run.save()
+            _record(run)
         finally:
             lock.release()
+
+
+def _record(run: Run) -> None:
+    """Append the run to the ``runs`` table; a failure here must not hide the run's own error."""
+    from clustermix.runs import record_run
+
+    try:
+        record_run(run.lake, run.manifest)
+    except Exception:
+        if run.manifest["outcome"] == "succeeded":
+            raise
+        log.exception("could not record failed run %s in the runs table", run.run_id)
+
+
+def run_stages(cfg: Config, stages: tuple[str, ...] | None = None, run_id: str | None = None,
+               spark: SparkSession | None = None) -> Run:
+    """Run ``stages`` (default: :func:`default_stages`) in pipeline order under the lake lock."""
+    stages = default_stages(cfg) if stages is None else stages
+    with session(cfg, run_id, spark) as run:
+        for stage in ALL_STAGES:
+            if stage in stages:
+                run_one(run, stage, stages)
     return run

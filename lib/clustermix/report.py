@@ -64,7 +64,9 @@ def list_runs(lake_root: str) -> list[dict[str, Any]]:
         m = _manifest(lake, rid) or {"outcome": "unreadable manifest"}
         filesystem, path = _fs(f"{lake.run_dir(rid)}/report.html")
         out.append({"run_id": rid, "started_at": m.get("started_at"), "finished_at": m.get("finished_at"),
-                    "outcome": m.get("outcome"), "blended_version": (m.get("tables") or {}).get("blended"),
+                    "outcome": m.get("outcome"), "mode": m.get("mode", "run"),
+                    "decision": (m.get("drift") or {}).get("decision"),
+                    "blended_version": (m.get("tables") or {}).get("blended"),
                     "has_report": filesystem.get_file_info(path).is_file})
     return out
 
@@ -342,6 +344,8 @@ def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
         "schema": SCHEMA,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run": {k: manifest.get(k) for k in ("run_id", "outcome", "error", "started_at", "finished_at", "lake_root")},
+        "refresh": {"mode": manifest.get("mode", "run"), "files_taken": len(manifest["inputs_taken"])
+                    if "inputs_taken" in manifest else None, "drift": manifest.get("drift")},
         "code_version": {"run": manifest.get("clustermix_version"), "report": __version__},
         "accounting": _accounting(run),
         "clusters": clusters,

@@ -217,6 +217,21 @@ def _versions(d: dict[str, Any]) -> str:
                             for k, v in d.items()))
 
 
+def _refresh(r: dict[str, Any]) -> str:
+    """What a nightly refresh took and decided (nothing for a plain run)."""
+    if r.get("mode", "run") == "run":
+        return ""
+    text = f"<p>A {_e(r['mode'])} run: {_n(r.get('files_taken'))} input files taken.</p>"
+    d = r.get("drift")
+    if d:
+        rows = [[_e(k), _e(d.get(k))] for k in ("new_docs", "old_docs", "old_mean_score", "new_mean_score",
+                                                  "score_drop", "share_shift", "new_vs_old_shares", "far_fraction")]
+        reasons = "; ".join(d.get("reasons") or []) or "no threshold passed"
+        text += (f"<p>Drift of the new documents from the existing clusters: decision <b>{_e(d.get('decision'))}"
+                 f"</b> ({escape(reasons)}).</p>" + _table(["figure", "value"], rows, (1,)))
+    return text
+
+
 def _run(rep: dict[str, Any], figs: dict[str, str]) -> str:
     import yaml
 
@@ -226,7 +241,7 @@ def _run(rep: dict[str, Any], figs: dict[str, str]) -> str:
     tables = [[_e(t), _n(v)] for t, v in rep["tables"].items()]
     notes = "".join(f"<li>{escape(n)}</li>" for n in rep["notes"])
     code = rep["code_version"]
-    return (_table(["stage", "status", "seconds", "read (table@version)", "wrote (table@version)", "written by run"],
+    return (_refresh(rep.get("refresh") or {}) + _table(["stage", "status", "seconds", "read (table@version)", "wrote (table@version)", "written by run"],
                    rows, (2,))
             + _img(figs, "stage_times", "time per stage")
             + f"<p>Code: clustermix {_e(code['run'])} ran the pipeline; clustermix {_e(code['report'])} wrote this "
