@@ -36,7 +36,9 @@ def test_embeddings_match_bare_sentence_transformers_and_only_missing_ones_are_e
     _write(src, texts[:12])
     cfg = make_config(tmp_path / "lake", str(src))
     run = run_stages(cfg, ("ingest", "embed"), spark=spark)
-    assert run.manifest["stages"]["embed"]["counts"]["embedded"] == 12
+    first = run.manifest["stages"]["embed"]["counts"]
+    assert first["embedded"] == 12 and first["docs_per_s"] > 0
+    assert set(first["phases_s"]) == {"todo", "ray_data", "commit"}
 
     emb = {r["id"]: np.array(r["embedding"], dtype=np.float32)
            for r in lk.read(spark, run.lake, "embeddings").collect()}
@@ -71,3 +73,27 @@ def test_long_documents_can_be_chunked_and_mean_pooled(texts):
     assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
     assert float(a[1] @ b[1]) > 0.9999  # fits the window: identical
     assert float(a[0] @ b[0]) < 0.99  # the whole article is not its first 32 tokens
+
+
+def test_overlapped_tokenisation_gives_what_encode_gives_over_many_sub_batches(texts):
+    """Sub-batches of 4 over 13 texts: the tokeniser thread runs ahead of the model 3 times."""
+    from clustermix.embed import Embedder
+    from clustermix.models import resolve_model
+
+    emb = Embedder(resolve_model("all-MiniLM-L6-v2"), "m", {"device": "cpu", "batch_size": 4})
+    batch = [t["text"] for t in texts[:12]] + ["a short sentence"]
+    got = emb.encode(batch)
+    ref = emb.model.encode(batch, batch_size=4, normalize_embeddings=True)
+    assert got.dtype == np.float32 and got.shape == (13, 384)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert float(np.min(np.sum(got * ref, axis=1))) >= 0.999
+
+
+def test_batch_size_comes_from_the_device_unless_set():
+    from clustermix.config import EmbedConfig
+
+    assert EmbedConfig().batch_size_for("cpu") == 32
+    assert EmbedConfig().batch_size_for("cuda") == 256
+    assert EmbedConfig(batch_size=7).batch_size_for("cuda") == 7
+    assert EmbedConfig(gpus_per_actor=1).planned_device() == "cuda"
+    assert EmbedConfig(device="cpu", gpus_per_actor=1).planned_device() == "cpu"

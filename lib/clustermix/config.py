@@ -89,7 +89,7 @@ class IngestConfig(_Section):
 class EmbedConfig(_Section):
     model: str = "all-MiniLM-L6-v2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # None: from the device (batch_size_for)
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
@@ -97,6 +97,19 @@ class EmbedConfig(_Section):
     max_seq_length: int | None = Field(None, ge=8)
     long_docs: Literal["truncate", "chunk"] = "truncate"
     precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    def batch_size_for(self, device: str) -> int:
+        """The explicit ``batch_size``, else the default for ``device``: 32 on CPU, 256 on CUDA."""
+        # A CPU gains nothing from batches past a few dozen full-length sequences (the matmuls are
+        # already large) and pads more; a GPU needs hundreds to stay busy.
+        return self.batch_size or (256 if device == "cuda" else 32)
+
+    def planned_device(self) -> str:
+        """The device the actors will use, as far as the driver can tell (``auto`` with GPUs
+        reserved per actor means CUDA)."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
 
 
 class ClusterConfig(_Section):
