@@ -237,3 +237,32 @@ def test_whole_pipeline_with_input_and_lake_on_s3(s3, tmp_path, bbc_slice):
     assert lk.num_records(f"{root}/docs") == manifest["stages"]["ingest"]["counts"]["accepted"]
     assert storage.read_json_object(f"{root}/_lock.json") is None  # the run released the lake
     print(f"pipeline on s3: {seconds:.0f} s")
+
+    # the nightly path on s3://: the first refresh adopts the lake (every stage current, nothing rerun),
+    # the second takes only the file that landed since and assigns its documents to the same clusters
+    env = {**env_for(s3.endpoint), "HF_HUB_OFFLINE": "1"}
+    from clustermix.corpus import iter_records
+
+    accepted0 = manifest["stages"]["ingest"]["counts"]["accepted"]
+    seen = {json.loads(line)["text"] for line in bbc_slice.read_text().splitlines()}
+    fresh = list({r["text"]: r for r in iter_records("bbc")
+                  if r["text"] not in seen and r["domain"] == "business"}.values())[:12]
+    for night, body in ((1, None), (2, "".join(json.dumps(r) + "\n" for r in fresh))):
+        if body:
+            with filesystem.open_output_stream(f"{BUCKET}/raw/bbc/part-{night}.jsonl") as fh:
+                fh.write(body.encode())
+        proc = subprocess.run([*CLI, "refresh", "--config", str(cfg)], check=False, env=env, capture_output=True,
+                              text=True, timeout=1500, cwd=ROOT)
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    manifest = read_json(next(line for line in proc.stdout.splitlines()
+                              if line.startswith("manifest: ")).removeprefix("manifest: "))
+    assert manifest["mode"] == "refresh" and [p.rsplit("/", 1)[-1] for p in manifest["inputs_taken"]] == [
+        "part-2.jsonl"]
+    assert manifest["stages"]["ingest"]["counts"]["accepted"] == 12
+    assert manifest["drift"]["new_docs"] == 12
+    assert lk.num_records(f"{root}/docs") == lk.num_records(f"{root}/assignments") == accepted0 + 12
+    from clustermix import runs
+
+    recorded = runs.read_runs(lk.Lake(root))
+    assert [(r["mode"], r["outcome"]) for r in recorded] == [("run", "succeeded"), ("bootstrap", "succeeded"),
+                                                              ("refresh", "succeeded")]
