@@ -97,3 +97,109 @@ def test_same_seed_same_plan_other_seed_other_plan(spark, members):
 def test_sample_config_defaults():
     s = SampleConfig(budget=10)
     assert (s.unit, s.clip, s.order, s.within) == ("docs", 4, "stratified", "uniform")
+
+
+@pytest.fixture(scope="module")
+def big_members(spark):
+    """One large cluster (the hash-prefix path ranks only a prefix of it) and two small ones."""
+    from pyspark.sql import functions as F
+
+    sizes = {0: 20_000, 1: 300, 2: 40}
+    return spark.range(sum(sizes.values())).select(
+        F.format_string("d%06d", "id").alias("id"),
+        F.when(F.col("id") < sizes[0], 0).when(F.col("id") < sizes[0] + sizes[1], 1).otherwise(2).alias("cluster_id"),
+    ), sizes
+
+
+def _big_plan(spark, big, budget, order, seed=7, partitions=3):
+    members, sizes = big
+    a = allocate(np.array(list(sizes.values())), np.ones(len(sizes)), budget, 4)
+    alloc = alloc_frame(spark, list(sizes), list(sizes.values()), a.draws.tolist())
+    active = a.draws[a.draws > 0]
+    return a, build_plan(members, alloc, seed=seed, within="uniform", order=order, a_min=int(active.min()),
+                         partitions=partitions)
+
+
+def test_hash_prefix_draws_exactly_the_documents_a_full_rank_would(spark, big_members):
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from clustermix.plan import candidate_threshold
+
+    a, df = _big_plan(spark, big_members, 900, "random")
+    members, sizes = big_members
+    assert a.draws[0] < sizes[0]  # cluster 0 has base 0 draws: only its prefix is ranked
+    assert candidate_threshold(sizes[0], int(a.draws[0])) < 2**63 - 1
+    rows = df.collect()
+    assert len(rows) == 900 and sorted(r["position"] for r in rows) == list(range(900))
+    # the reference: rank the whole cluster by the same seeded hash, keep the first a_0
+    w = Window.partitionBy("cluster_id").orderBy(F.xxhash64(F.lit(7), "id"), "id")
+    ref = members.where("cluster_id = 0").withColumn("r", F.row_number().over(w) - 1).where(f"r < {a.draws[0]}")
+    assert {r["id"] for r in ref.collect()} == {r["id"] for r in rows if r["cluster_id"] == 0}
+    assert Counter(r["cluster_id"] for r in rows) == dict(enumerate(a.draws.tolist()))
+
+
+def test_a_short_hash_prefix_fails_the_job_instead_of_drawing_too_few(spark, big_members, monkeypatch):
+    from clustermix import plan
+
+    monkeypatch.setattr(plan, "SIGMAS", -60.0)  # a threshold far below the a_0-th hash
+    _, df = _big_plan(spark, big_members, 900, "random")
+    with pytest.raises(Exception, match="hash prefix holds fewer documents"):
+        df.collect()
+
+
+@pytest.mark.parametrize("order", ["random", "stratified", "g2s", "s2g"])
+def test_positions_do_not_depend_on_the_number_of_partitions(spark, big_members, order):
+    key = lambda df: sorted((r["position"], r["id"], r["draw"], r["phase"]) for r in df.collect())  # noqa: E731
+    _, one = _big_plan(spark, big_members, 2000, order, partitions=1)
+    _, seven = _big_plan(spark, big_members, 2000, order, partitions=7)
+    got = key(one)
+    assert got == key(seven)
+    assert [p for p, *_ in got] == list(range(2000))
+
+
+def test_random_order_is_well_mixed(spark, big_members):
+    a, df = _big_plan(spark, big_members, 6000, "random")
+    rows = sorted(df.collect(), key=lambda r: r["position"])
+    # every tenth of the order holds each cluster's share within 5 binomial standard deviations
+    share = a.draws / a.draws.sum()
+    for t in range(10):
+        part = Counter(r["cluster_id"] for r in rows[t * 600:(t + 1) * 600])
+        for k, s in enumerate(share):
+            assert abs(part[k] - 600 * s) <= 5 * np.sqrt(600 * s * (1 - s)) + 1
+    # repeats of a document are not bunched: gaps between its draws look like those of a shuffle
+    pos: dict[str, list[int]] = {}
+    for r in rows:
+        pos.setdefault(r["id"], []).append(r["position"])
+    gaps = [b - a_ for p in pos.values() for a_, b in zip(sorted(p), sorted(p)[1:], strict=False)]
+    assert np.median(gaps) > 6000 / 10
+
+
+def test_permutation_is_a_bijection_for_any_size(spark):
+    from clustermix.plan import permute
+
+    for size in (1, 2, 7, 1000, 4099):
+        got = [r["p"] for r in permute(spark.range(size), "id", size, seed=3, out="p").collect()]
+        assert sorted(got) == list(range(size))
+        if size >= 1000:
+            # no trace of the input order: neighbours land far apart, as in a shuffle
+            assert abs(np.corrcoef(np.arange(size), got)[0, 1]) < 0.1
+            assert (np.abs(np.diff(got)) < 10).sum() < 50  # a shuffle: about 19
+
+
+def _exchanges(df) -> int:
+    import contextlib
+    import io
+    import re
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        df.explain()
+    return len(re.findall(r"Exchange (?:hashpartitioning|rangepartitioning|SinglePartition|RoundRobin)", buf.getvalue()))
+
+
+@pytest.mark.parametrize(("order", "shuffles"), [("random", 1), ("stratified", 2), ("g2s", 2), ("s2g", 2)])
+def test_the_plan_shuffles_only_for_the_within_cluster_rank_and_the_groups(spark, big_members, order, shuffles):
+    """No global sort: one shuffle ranks the candidates; non-random orders add one to rank within groups."""
+    _, df = _big_plan(spark, big_members, 900, order)
+    assert _exchanges(df) == shuffles

@@ -98,11 +98,11 @@ def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, doc
     """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position."""
     from pyspark.sql import functions as F
 
-    sizes = ClusterSizes.from_stats(stats)
     if bcfg.mode == "clusterclip":
         planned, info = sample_plan, {"from": "sample_plan"}
         draws = None
     else:
+        sizes = ClusterSizes.from_stats(stats)  # a Spark job: only the modes that allocate anew read it
         draws, info = allocate_docs(sizes, targets_for(bcfg, sizes), scfg)
         planned = make_plan(spark, members_frame(assignments, docs, scfg.within), sizes, draws, scfg, partitions)
     out = planned.join(docs.select("id", "text", "domain", "quality", "n_tokens"), "id").select(

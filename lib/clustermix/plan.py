@@ -3,19 +3,84 @@
 Per document: ``base = a_k div n_k`` draws, plus one for the first ``a_k mod n_k`` documents of the
 cluster in a seeded-hash (or quality) order. Draw ``d`` of the document ranked ``r`` is the
 cluster's ``j = d·n_k + r``-th item, so the items of cluster ``k`` are exactly ``0..a_k-1``.
-Positions are a global rank computed without a single-partition window: range-partition by the
-order key, sort within partitions, and add each partition's offset (one number per partition).
-No Python runs per row.
+
+Only documents that can be drawn are ranked. Where a cluster has fewer draws than documents
+(``base = 0``, the usual case for large clusters) the drawn ones are the first ``a_k`` in hash
+order, so a hash threshold set well above the expected ``a_k``-th hash keeps a prefix of that
+order that contains them all; the rest of the cluster never reaches the shuffle. A sentinel row
+ranked after each prefix counts it in the same window, and a cluster whose prefix is short fails
+the job instead of drawing too few (odds below 1e-15 per cluster: the margin is 8 binomial
+standard deviations).
+
+Positions come from K numbers, never from a global sort. The items before round ``j`` (g2s, s2g)
+or before a fraction of the way through (stratified) are a sum over clusters that the driver
+computes, so the items are split into groups of known offsets and ranked only within their group;
+``random`` maps each item's index in cluster order through a seeded permutation of ``0..B-1``
+(swap-or-not) and needs no shuffle at all. No Python runs per row.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
 ORDERS = ("random", "stratified", "g2s", "s2g")
+LONG_MAX = 2**63 - 1
+SIGMAS = 8.0  # margin of the candidate threshold above the expected count, in standard deviations
+GROUPS_PER_PARTITION = 4  # position groups per shuffle partition: small sorts, balanced tasks
+# swap-or-not rounds for the random order: 16 pass the mixing checks in tests/test_plan.py (a crypto-
+# strength permutation needs ~6·lg B, which a training order does not); 36 rounds cost 3x as much per
+# row as 16 here, likely because the generated code then outgrows what the JVM compiles
+PERMUTATION_ROUNDS = 16
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The K numbers of an allocation, in cluster order: documents ``n`` and draws ``a``."""
+
+    cluster_id: np.ndarray
+    n: np.ndarray
+    a: np.ndarray
+
+    @classmethod
+    def from_frame(cls, alloc: DataFrame) -> Counts:
+        rows = sorted((int(r["cluster_id"]), int(r["n_k"]), int(r["a_k"])) for r in alloc.collect())  # K rows
+        table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        return cls(table[:, 0], table[:, 1], table[:, 2])
+
+    @property
+    def total(self) -> int:
+        return int(self.a.sum())
+
+    def frame(self, spark: SparkSession, within: str) -> DataFrame:
+        """Per cluster with draws: sizes, ``base``/``extra`` draws, candidate threshold, offset."""
+        off = np.cumsum(self.a) - self.a  # items of earlier clusters: the index of item 0 in cluster order
+        rows = []
+        for c, n, a, o in zip(self.cluster_id.tolist(), self.n.tolist(), self.a.tolist(), off.tolist(), strict=True):
+            if n <= 0 or a <= 0:
+                continue
+            base, extra = divmod(a, n)
+            # quality order has no hash prefix to cut; base > 0 draws every document, all need a rank
+            t = candidate_threshold(n, extra) if within == "uniform" and base == 0 else LONG_MAX
+            rows.append((c, n, a, base, extra, t, o))
+        return spark.createDataFrame(
+            rows, "cluster_id int, n_k bigint, a_k bigint, base bigint, extra bigint, t_k bigint, off_k bigint")
+
+
+def candidate_threshold(n: int, extra: int) -> int:
+    """The xxhash64 value below which a cluster of ``n`` documents keeps its hash-order prefix:
+    ``extra + 8·sqrt(extra + 16) + 64`` documents expected, ``LONG_MAX`` (all) when that is ``n``."""
+    want = extra + SIGMAS * math.sqrt(extra + 16) + 64
+    if want >= n:
+        return LONG_MAX
+    return max(int(want / n * 2.0**64) - 2**63, -(2**63))
 
 
 def alloc_frame(spark: SparkSession, cluster_ids: list[int], sizes: list[int], draws: list[int]) -> DataFrame:
@@ -24,8 +89,8 @@ def alloc_frame(spark: SparkSession, cluster_ids: list[int], sizes: list[int], d
     return spark.createDataFrame(rows, "cluster_id int, n_k bigint, a_k bigint")
 
 
-def doc_draws(members: DataFrame, alloc: DataFrame, seed: int, within: str) -> DataFrame:
-    """Explode each cluster member into its draws: (id, cluster_id, draw, j, n_k, a_k).
+def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> DataFrame:
+    """Explode each drawn cluster member into its draws: (id, cluster_id, draw, j, n_k, a_k, off_k).
 
     ``members`` has ``id``, ``cluster_id`` and, for ``within='quality'``, ``quality``.
     """
@@ -33,67 +98,127 @@ def doc_draws(members: DataFrame, alloc: DataFrame, seed: int, within: str) -> D
     from pyspark.sql import functions as F
 
     tie = F.xxhash64(F.lit(seed), F.col("id"))
-    keys: list[Column] = [tie, F.col("id")]
+    keys: list[Column] = [F.col("_h"), F.col("id")]
     if within == "quality":
         keys = [F.col("quality").desc_nulls_last(), *keys]
-    ranked = members.join(F.broadcast(alloc), "cluster_id").withColumn(
+    alloc = counts.frame(members.sparkSession, within)
+    candidates = (members.join(F.broadcast(alloc), "cluster_id").withColumn("_h", tie)
+                  .where(F.col("_h") <= F.col("t_k")).withColumn("_s", F.lit(False)))
+    # one sentinel per cut cluster, after its whole prefix (real hashes there are <= t_k < LONG_MAX):
+    # its rank is the prefix's size, so even an empty prefix is caught
+    sentinels = alloc.where(F.col("t_k") < LONG_MAX).select(
+        "*", F.lit(None).cast("string").alias("id"), F.lit(LONG_MAX).alias("_h"), F.lit(True).alias("_s"))
+    ranked = candidates.unionByName(sentinels, allowMissingColumns=True).withColumn(
         "r", (F.row_number().over(Window.partitionBy("cluster_id").orderBy(*keys)) - 1).cast("bigint"))
-    base = F.floor(F.col("a_k") / F.col("n_k"))
-    extra = F.col("a_k") - base * F.col("n_k")
-    n_draws = (base + F.when(F.col("r") < extra, 1).otherwise(0)).cast("int")
+    n_draws = (F.col("base") + F.when(F.col("r") < F.col("extra"), 1).otherwise(0)).cast("int")
+    # one expression, so no rewrite can evaluate the row filter without the check
+    keep = F.when(F.col("_s"), F.when(F.col("r") < F.col("extra"), F.raise_error(F.lit(
+        "sample: a cluster's hash prefix holds fewer documents than its draws (odds < 1e-15); "
+        "rerun with another sample.seed"))).otherwise(F.lit(False))).otherwise(F.col("_n") > 0)
     return (
-        ranked.withColumn("_n", n_draws).where(F.col("_n") > 0)
+        ranked.withColumn("_n", n_draws).where(keep)
         .withColumn("draw", F.explode(F.sequence(F.lit(0), F.col("_n") - 1)))
         .withColumn("j", F.col("draw").cast("bigint") * F.col("n_k") + F.col("r"))
-        .drop("_n", "r")
+        .select("id", "cluster_id", "draw", "j", "n_k", "a_k", "off_k")
     )
 
 
-def order_key(order: str, seed: int, a_min: int) -> tuple[list[Column], Column]:
-    """Sort keys and phase for a training order (see DESIGN.md)."""
+def items_before_round(a: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """g2s: how many items come before round ``j`` (item ``j`` of each cluster): ``Σ_c min(a_c, j)``."""
+    a_sorted = np.sort(a[a > 0])
+    prefix = np.concatenate([[0], np.cumsum(a_sorted)])
+    m = np.searchsorted(a_sorted, j, side="right")  # clusters exhausted before round j
+    return prefix[m] + np.asarray(j, dtype=np.int64) * (len(a_sorted) - m)
+
+
+def round_bounds(a: np.ndarray, groups: int) -> list[int]:
+    """Rounds at which g2s groups start (after group 0), so each group holds about B/groups items."""
+    total = int(a.sum())
+    target = np.array([total * q // groups for q in range(1, groups)], dtype=np.int64)
+    lo = np.zeros(len(target), dtype=np.int64)
+    hi = np.full(len(target), int(a.max()) if len(a) else 0, dtype=np.int64)
+    while (lo < hi).any():  # smallest j with items_before_round(j) >= target, bisected for all targets at once
+        mid = (lo + hi) // 2
+        ok = items_before_round(a, mid) >= target
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid + 1)
+    return [int(v) for v in lo]
+
+
+def stratified_offsets(a: np.ndarray, groups: int) -> list[int]:
+    """Stratified: item j of cluster c is in group ``floor((2j+1)·G / 2a_c)`` (its fraction
+    ``(j+½)/a_c`` times G, exactly); the items before group p are those with ``(2j+1)·G < 2p·a_c``."""
+    a = a[a > 0].astype(object)  # Python ints: exact for any budget
+    return [int(sum(min(max((2 * p * x - 1 - groups) // (2 * groups) + 1, 0), x) for x in a)) for p in range(groups)]
+
+
+def _bucket(col: Column, bounds: list[int], lo: int = 0, hi: int | None = None) -> Column:
+    """How many of the sorted ``bounds`` are <= ``col``: a balanced CASE tree, log2(len) deep."""
     from pyspark.sql import functions as F
 
+    hi = len(bounds) if hi is None else hi
+    if lo == hi:
+        return F.lit(lo)
+    mid = (lo + hi) // 2
+    return F.when(col >= F.lit(bounds[mid]), _bucket(col, bounds, mid + 1, hi)).otherwise(_bucket(col, bounds, lo, mid))
+
+
+def permutation_keys(size: int, seed: int) -> list[int]:
+    """Round keys of the swap-or-not permutation of ``0..size-1``: derived from the seed, not drawn."""
+    return [int.from_bytes(hashlib.sha256(f"{seed}/{size}/{i}".encode()).digest()[:8], "big") % size
+            for i in range(PERMUTATION_ROUNDS)]
+
+
+def permute(df: DataFrame, col: str, size: int, seed: int, out: str) -> DataFrame:
+    """``out`` = a seeded pseudo-random permutation of ``col`` over ``0..size-1`` (swap-or-not, Hoang,
+    Morris and Rogaway 2012): each round pairs x with ``k - x mod size`` and swaps the pair on a hash
+    of the pair, so every round, and the whole, is a bijection for any ``size``. One column per round:
+    Spark does not inline a non-trivial column it would have to repeat, so the plan stays linear."""
+    from pyspark.sql import functions as F
+
+    df = df.withColumn(out, F.col(col).cast("bigint"))
+    for i, k in enumerate(permutation_keys(size, seed)):
+        x = F.col(out)
+        partner = F.pmod(F.lit(k).cast("bigint") - x, F.lit(size).cast("bigint"))
+        swap = F.xxhash64(F.lit(seed), F.lit(i), F.greatest(x, partner)).bitwiseAND(F.lit(1)) == 1
+        df = df.withColumn(out, F.when(swap, partner).otherwise(x))
+    return df
+
+
+def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min: int, partitions: int) -> DataFrame:
+    """Add ``position`` (0..B-1, a permutation) and ``phase`` for a training order (see DESIGN.md)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; expected one of {ORDERS}")
+    total = counts.total
+    if order == "random":
+        # index in cluster order (cluster, then j), permuted: no sort, no shuffle
+        return permute(items.withColumn("_i", F.col("off_k") + F.col("j")), "_i", max(total, 1), seed, "position") \
+            .withColumn("phase", F.lit("random"))
+    groups = max(1, partitions) * GROUPS_PER_PARTITION
     cluster_rank = F.xxhash64(F.lit(seed + 1), F.col("cluster_id"))
     unique = [F.col("id"), F.col("draw")]
-    if order == "random":
-        return [F.xxhash64(F.lit(seed), F.col("id"), F.col("draw")), *unique], F.lit("random")
     if order == "stratified":
         # item j of cluster k sits at (j + ½)/a_k of the way through: every prefix keeps the mix
-        frac = (F.col("j").cast("double") + 0.5) / F.col("a_k").cast("double")
-        return [frac, cluster_rank, *unique], F.lit("stratified")
-    if order in ("g2s", "s2g"):
+        group = F.expr(f"((2 * j + 1) * {groups}) div (2 * a_k)")
+        offsets = stratified_offsets(counts.a, groups)
+        keys = [(F.col("j").cast("double") + 0.5) / F.col("a_k").cast("double"), cluster_rank, *unique]
+        phase = F.lit("stratified")
+    else:
         # round-robin: round j holds item j of every cluster that has one; while j < min a_k every
         # cluster is present, so those rounds are cluster-uniform ("general")
+        bounds = round_bounds(counts.a, groups)
+        group = _bucket(F.col("j"), bounds)
+        offsets = [int(v) for v in items_before_round(counts.a, np.array([0, *bounds], dtype=np.int64))]
+        keys = [F.col("j"), cluster_rank, *unique]
         phase = F.when(F.col("j") < a_min, "general").otherwise("specific")
-        if order == "g2s":
-            return [F.col("j"), cluster_rank, *unique], phase
-        return [F.col("j").desc(), cluster_rank.desc(), F.col("id").desc(), F.col("draw").desc()], phase
-    raise ValueError(f"unknown order {order!r}; expected one of {ORDERS}")
-
-
-def global_position(df: DataFrame, keys: list[Column], partitions: int) -> DataFrame:
-    """Add ``position`` = 0-based rank of each row by ``keys`` (unique), scalably."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
-    spark = df.sparkSession
-    ranked = (
-        df.repartitionByRange(partitions, *keys).sortWithinPartitions(*keys)
-        .withColumn("_pid", F.spark_partition_id())
-        .withColumn("_mid", F.monotonically_increasing_id())
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
-    stats = sorted(
-        (r["_pid"], r["n"], r["m0"])
-        for r in ranked.groupBy("_pid").agg(F.count("*").alias("n"), F.min("_mid").alias("m0")).collect()
-    )
-    offsets, running = [], 0
-    for pid, n, m0 in stats:  # one row per partition: O(partitions) on the driver
-        offsets.append((int(pid), running - int(m0)))
-        running += int(n)
-    off = spark.createDataFrame(offsets, "_pid int, _off bigint")
-    return ranked.join(F.broadcast(off), "_pid").withColumn(
-        "position", (F.col("_mid") + F.col("_off")).cast("bigint")).drop("_pid", "_mid", "_off")
+    offset = F.element_at(F.array(*[F.lit(o).cast("bigint") for o in offsets]), F.col("_g") + 1)
+    ranked = items.withColumn("_g", group.cast("int")).withColumn(
+        "position", offset + F.row_number().over(Window.partitionBy("_g").orderBy(*keys)) - 1)
+    if order == "s2g":  # g2s read backwards
+        ranked = ranked.withColumn("position", F.lit(total - 1).cast("bigint") - F.col("position"))
+    return ranked.withColumn("phase", phase)
 
 
 def build_plan(members: DataFrame, alloc: DataFrame, *, seed: int, within: str, order: str, a_min: int,
@@ -101,7 +226,9 @@ def build_plan(members: DataFrame, alloc: DataFrame, *, seed: int, within: str, 
     """The whole per-document plan: (id, cluster_id, draw, position, phase)."""
     from pyspark.sql import functions as F
 
-    draws = doc_draws(members, alloc, seed, within)
-    keys, phase = order_key(order, seed, a_min)
-    planned = global_position(draws.withColumn("phase", phase), keys, partitions)
-    return planned.select("id", "cluster_id", F.col("draw").cast("int"), "position", "phase")
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; expected one of {ORDERS}")
+    counts = Counts.from_frame(alloc)
+    items = doc_draws(members, counts, seed, within)
+    planned = with_position(items, counts, order, seed, a_min, partitions)
+    return planned.select("id", "cluster_id", F.col("draw").cast("int"), F.col("position").cast("bigint"), "phase")
