@@ -50,12 +50,15 @@ def record_run(lake: Lake, manifest: dict[str, Any]) -> None:
         "tables": json.dumps(manifest.get("tables", {}), sort_keys=True),
         "drift": json.dumps(manifest.get("drift")) if manifest.get("drift") is not None else None,
         "decision": (manifest.get("drift") or {}).get("decision"),
+        # microseconds: runs that start within one second (a no-op refresh and the next) keep their order
+        "recorded_at": datetime.now(timezone.utc),
     }
     schema = pa.schema([
         ("run_id", pa.string()), ("mode", pa.string()), ("outcome", pa.string()), ("error", pa.string()),
         ("started_at", pa.timestamp("us", tz="UTC")), ("finished_at", pa.timestamp("us", tz="UTC")),
         ("files_taken", pa.int64()), ("inputs_taken", pa.string()), ("stages", pa.string()), ("counts", pa.string()),
         ("versions_written", pa.string()), ("tables", pa.string()), ("drift", pa.string()), ("decision", pa.string()),
+        ("recorded_at", pa.timestamp("us", tz="UTC")),
     ])
     _append(lake.table(RUNS), pa.Table.from_pylist([row], schema=schema))
 
@@ -103,7 +106,7 @@ def new_files(listing: dict[str, list[int]], taken: dict[str, tuple[int, int]]) 
 
 
 def read_runs(lake: Lake) -> list[dict[str, Any]]:
-    """Every recorded run, oldest first (an empty list when none)."""
+    """Every recorded run, in the order they were recorded (an empty list when none)."""
     from deltalake import DeltaTable
 
     from clustermix.lake import storage_options, version
@@ -112,4 +115,4 @@ def read_runs(lake: Lake) -> list[dict[str, Any]]:
     if version(uri) is None:
         return []
     rows = DeltaTable(uri, storage_options=storage_options(uri)).to_pyarrow_table().to_pylist()
-    return sorted(rows, key=lambda r: r["started_at"] or datetime.min.replace(tzinfo=timezone.utc))
+    return sorted(rows, key=lambda r: r["recorded_at"])
