@@ -50,11 +50,7 @@ class MotoServer:
         raise RuntimeError("moto server did not start within 60 s")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _terminate(self.proc)
         self._log.close()
 
 
@@ -172,11 +168,16 @@ class FlakyProxy:
             conn.close()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _terminate(self.proc)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """Stop a server process: politely, then for sure."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def env_for(endpoint: str) -> dict[str, str]:

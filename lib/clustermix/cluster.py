@@ -298,9 +298,9 @@ def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str,
             "gpu": res.use_gpu, "seconds": round(res.seconds, 2)}
 
 
-def read_centroids(spark: SparkSession, lake: Lake) -> np.ndarray:
-    """The current centroids as a (k, d) float32 array (K rows to the driver)."""
-    rows = lk.read(spark, lake, "centroids").select("cluster_id", "centroid").orderBy("cluster_id").collect()
+def read_centroids(spark: SparkSession, lake: Lake, at_version: int | None = None) -> np.ndarray:
+    """The centroids (latest, or at a pinned version) as a (k, d) float32 array (K rows to the driver)."""
+    rows = lk.read(spark, lake, "centroids", at_version).select("cluster_id", "centroid").orderBy("cluster_id").collect()
     return np.asarray([r["centroid"] for r in rows], dtype=np.float32)
 
 

@@ -91,7 +91,7 @@ def _assign(run: Run, write: lk.TableWriter, inputs: dict[str, Any]) -> dict[str
     config_changed = not fitted or fitted[0]["k"] != cfg.cluster.k or fitted[0]["model"] != model
     staging, n_new = None, 0
     if not config_changed:
-        centroids = read_centroids(spark, lake)
+        centroids = read_centroids(spark, lake, inputs["centroids"])  # the version the stage pinned
         staging, n_new = assign_missing(spark, lake, cfg.cluster, model, inputs["embeddings"], centroids, run.run_id)
     decision = decide(_figures(run, staging, int(fitted[0]["k"]) if fitted else cfg.cluster.k), cfg.refresh,
                       forced=bool(inputs.get("recluster")), config_changed=config_changed)
