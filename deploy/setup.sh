@@ -28,10 +28,14 @@ if ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
   "$PYTHON" -m pip install -q --disable-pip-version-check "uv==0.13.9" || "$PYTHON" -m pip install -q --user "uv==0.13.9"
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m uv venv -q -p "$PYTHON" "$VENV"
-stamp="$VENV/.clustermix-installed"
+# --compile-bytecode: uv (unlike pip) installs no .pyc files, and where PYTHONDONTWRITEBYTECODE is
+# set Python never caches them either, so every process (each Ray worker, each Spark Python worker)
+# would compile torch/transformers from source again: importing sentence-transformers took 22 s
+# instead of 9 s on the development machine.
+stamp="$VENV/.clustermix-installed-pyc"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing Python packages into $VENV"
-  "$PYTHON" -m uv pip install -q -p "$VENV/bin/python" -e ".[dev]"
+  "$PYTHON" -m uv pip install -q --compile-bytecode -p "$VENV/bin/python" -e ".[dev]"
   touch "$stamp"
 fi
 PYTHON="$VENV/bin/python" bash deploy/fetch-jars.sh
