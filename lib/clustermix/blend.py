@@ -100,14 +100,17 @@ def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, doc
 
     if bcfg.mode == "clusterclip":
         planned, info = sample_plan, {"from": "sample_plan"}
-        draws = None
+        # the plan's rows: at most the budget when it counts documents (less only on a shortfall, which
+        # leaves the last file ranges empty); a token budget's documents are counted from the Delta
+        # log's per-file statistics, without reading the plan
+        n_rows = scfg.budget if scfg.unit == "docs" else sample_plan.count()
     else:
         sizes = ClusterSizes.from_stats(stats)  # a Spark job: only the modes that allocate anew read it
         draws, info = allocate_docs(sizes, targets_for(bcfg, sizes), scfg)
         planned = make_plan(spark, members_frame(assignments, docs, scfg.within), sizes, draws, scfg, partitions)
-    out = planned.join(docs.select("id", "text", "domain", "quality", "n_tokens"), "id").select(
-        "id", "text", "cluster_id", "domain", "quality", "n_tokens", "draw", "position", "phase")
-    n_rows = sum(int(v) for v in draws) if draws is not None else scfg.budget
+        n_rows = int(draws.sum())
+    info["join"] = join_strategy(n_rows, bcfg.broadcast_max_rows)
+    out = join_docs(planned, docs, info["join"])
     n_files = max(1, -(-n_rows // bcfg.target_rows_per_file))
     # positions are exactly 0..B-1, so contiguous position ranges need no sampling pass
     # (repartitionByRange would run one); each file then holds whole ranges, sorted
@@ -116,6 +119,27 @@ def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, doc
     write("blended", contracts.check(out, "blended"), max_records_per_file=bcfg.target_rows_per_file)
     info["mode"] = bcfg.mode
     return info
+
+
+def join_strategy(n_rows: int, broadcast_max_rows: int) -> str:
+    """``broadcast`` when the plan's rows fit under the bound, else ``shuffle``."""
+    return "broadcast" if n_rows <= broadcast_max_rows else "shuffle"
+
+
+def join_docs(planned: DataFrame, docs: DataFrame, strategy: str) -> DataFrame:
+    """The plan with each drawn document's columns, in the columns of ``blended``.
+
+    ``broadcast``: every executor holds the plan (B rows) and streams ``docs`` past it, so the
+    documents (their text: the whole corpus) are read once and never shuffled; only the B drawn
+    rows move, once, into their position ranges. ``shuffle``: a sort-merge join that shuffles both
+    sides by id, for plans too large to hold in memory. The choice is made here, on the row count,
+    not left to Spark's estimate from file sizes (``spark.sql.autoBroadcastJoinThreshold``: 10 MB
+    of Parquet, under a million plan rows), which would shuffle the corpus for any larger plan.
+    """
+    cols = docs.select("id", "text", "domain", "quality", "n_tokens")
+    plan = planned.hint("broadcast") if strategy == "broadcast" else planned.hint("shuffle_merge")
+    return plan.join(cols, "id").select(
+        "id", "text", "cluster_id", "domain", "quality", "n_tokens", "draw", "position", "phase")
 
 
 def domain_mix(blended: DataFrame) -> dict[str, dict[str, int]]:

@@ -146,6 +146,10 @@ class BlendConfig(_Section):
     quality_alpha: float = Field(1.0, ge=0)
     mixture_path: str | None = None
     target_rows_per_file: int = Field(250_000, ge=1)
+    # plans of at most this many rows are broadcast to the join with docs, which then is never
+    # shuffled; larger ones are joined by shuffling both sides by id. Memory on the driver and on each
+    # executor: ~170 B a row with short ids (160 MiB at 1M rows). 0: always shuffle.
+    broadcast_max_rows: int = Field(1_000_000, ge=0)
 
     @field_validator("domain_weights")
     @classmethod

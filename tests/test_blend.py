@@ -1,0 +1,90 @@
+"""Blend: the join that brings the documents to the plan, and the ordered ``blended`` table."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+from clustermix import lake as lk
+from clustermix.blend import join_docs, join_strategy, run_blend
+from clustermix.clusterclip import allocate
+from clustermix.config import BlendConfig, SampleConfig
+from clustermix.plan import alloc_frame, build_plan
+
+SIZES = [40, 25, 10, 5]
+
+
+@pytest.fixture(scope="module")
+def tables(spark):
+    members, docs = [], []
+    for k, n in enumerate(SIZES):
+        for i in range(n):
+            members.append((f"c{k}-{i}", k))
+            docs.append((f"c{k}-{i}", f"text {k} {i}", ["web", "code"][i % 2], i / n, 10 + i))
+    members_df = spark.createDataFrame(members, "id string, cluster_id int")
+    docs_df = spark.createDataFrame(docs, "id string, text string, domain string, quality double, n_tokens bigint")
+    return members_df, docs_df
+
+
+def _plan(spark, members, budget):
+    a = allocate(np.array(SIZES), np.ones(len(SIZES)), budget, 4)
+    alloc = alloc_frame(spark, list(range(len(SIZES))), SIZES, a.draws.tolist())
+    active = a.draws[a.draws > 0]
+    return build_plan(members, alloc, seed=3, within="uniform", order="stratified", a_min=int(active.min()),
+                      partitions=2)
+
+
+def _small_plan(spark):
+    rows = [(f"c0-{i}", 0, 0, i, "stratified") for i in range(30)]
+    return spark.createDataFrame(rows, "id string, cluster_id int, draw int, position bigint, phase string")
+
+
+def _physical(df) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        df.explain()
+    return buf.getvalue()
+
+
+def test_join_strategy_is_the_row_bound():
+    assert join_strategy(1_000, 1_000) == "broadcast"
+    assert join_strategy(1_001, 1_000) == "shuffle"
+    assert join_strategy(1, 0) == "shuffle"  # 0: never broadcast
+    assert BlendConfig().broadcast_max_rows > 0
+
+
+def test_below_the_bound_docs_are_streamed_past_a_broadcast_plan_not_shuffled(spark, tables):
+    _, docs = tables
+    text = _physical(join_docs(_small_plan(spark), docs, "broadcast"))
+    assert "BroadcastHashJoin" in text and "SortMergeJoin" not in text
+    assert "Exchange hashpartitioning" not in text  # neither side is shuffled by id
+
+
+def test_above_the_bound_both_sides_are_shuffled_by_id_even_when_spark_would_broadcast(spark, tables):
+    _, docs = tables
+    # a few KB: Spark's own size threshold would broadcast it
+    text = _physical(join_docs(_small_plan(spark), docs, "shuffle"))
+    assert "SortMergeJoin" in text and "BroadcastHashJoin" not in text
+    assert text.count("Exchange hashpartitioning(id") == 2
+
+
+def test_blended_is_the_same_whichever_join(spark, tables, tmp_path):
+    members, docs = tables
+    lake = lk.Lake(str(tmp_path / "lake"))
+    budget = 120
+    scfg = SampleConfig(budget=budget, order="stratified")
+    writer = lk.TableWriter(lake, {"test": True})
+    writer("sample_plan", _plan(spark, members, budget))
+    results = {}
+    for bound in (budget, budget - 1):
+        bcfg = BlendConfig(broadcast_max_rows=bound, target_rows_per_file=50)
+        info = run_blend(spark, None, members, docs, writer.read("sample_plan"), bcfg, scfg, 2, writer)
+        rows = writer.read("blended").collect()
+        results[info["join"]] = [tuple(r) for r in sorted(rows, key=lambda r: r["position"])]
+        assert [r["position"] for r in sorted(rows, key=lambda r: r["position"])] == list(range(budget))
+        assert len(lk.file_uris(lake.table("blended"))) == 3  # ceil(120 / 50) position ranges
+    assert set(results) == {"broadcast", "shuffle"}
+    assert results["broadcast"] == results["shuffle"]
