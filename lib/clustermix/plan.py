@@ -55,6 +55,12 @@ class Counts:
         table = np.array(rows, dtype=np.int64).reshape(-1, 3)
         return cls(table[:, 0], table[:, 1], table[:, 2])
 
+    @classmethod
+    def of(cls, cluster_id: np.ndarray, n: np.ndarray, a: np.ndarray) -> Counts:
+        """From K numbers already on the driver, in cluster order."""
+        order = np.argsort(np.asarray(cluster_id, dtype=np.int64), kind="stable")
+        return cls(*(np.asarray(v, dtype=np.int64)[order] for v in (cluster_id, n, a)))
+
     @property
     def total(self) -> int:
         return int(self.a.sum())
@@ -221,14 +227,15 @@ def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min
     return ranked.withColumn("phase", phase)
 
 
-def build_plan(members: DataFrame, alloc: DataFrame, *, seed: int, within: str, order: str, a_min: int,
+def build_plan(members: DataFrame, alloc: DataFrame | Counts, *, seed: int, within: str, order: str, a_min: int,
                partitions: int) -> DataFrame:
-    """The whole per-document plan: (id, cluster_id, draw, position, phase)."""
+    """The whole per-document plan: (id, cluster_id, draw, position, phase). ``alloc`` is the K-row
+    allocation as a frame (:func:`alloc_frame`, collected here) or as :class:`Counts`."""
     from pyspark.sql import functions as F
 
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; expected one of {ORDERS}")
-    counts = Counts.from_frame(alloc)
+    counts = alloc if isinstance(alloc, Counts) else Counts.from_frame(alloc)
     items = doc_draws(members, counts, seed, within)
     planned = with_position(items, counts, order, seed, a_min, partitions)
     return planned.select("id", "cluster_id", F.col("draw").cast("int"), F.col("position").cast("bigint"), "phase")

@@ -30,8 +30,9 @@ class ClusterSizes:
 
     @classmethod
     def from_stats(cls, stats: DataFrame) -> ClusterSizes:
-        rows = stats.select("cluster_id", "n_docs", "n_tokens", "quality_mean", "domains") \
-            .orderBy("cluster_id").collect()  # K rows
+        # K rows, sorted here: orderBy would run a range-partition sampling job for them
+        rows = sorted(stats.select("cluster_id", "n_docs", "n_tokens", "quality_mean", "domains").collect(),
+                      key=lambda r: r["cluster_id"])
         return cls(
             np.array([r["cluster_id"] for r in rows], dtype=np.int64),
             np.array([r["n_docs"] for r in rows], dtype=np.int64),
@@ -63,7 +64,7 @@ def allocate_docs(sizes: ClusterSizes, targets: np.ndarray, scfg: SampleConfig) 
 def make_plan(spark: SparkSession, members: DataFrame, sizes: ClusterSizes, draws: np.ndarray,
               scfg: SampleConfig, partitions: int) -> DataFrame:
     """The per-document plan for a K-vector of draws."""
-    alloc = plan.alloc_frame(spark, sizes.cluster_id.tolist(), sizes.n_docs.tolist(), draws.tolist())
+    alloc = plan.Counts.of(sizes.cluster_id, sizes.n_docs, draws)  # on the driver: no frame to collect back
     active = draws[draws > 0]
     a_min = int(active.min()) if len(active) else 0
     return plan.build_plan(members, alloc, seed=scfg.seed, within=scfg.within, order=scfg.order, a_min=a_min,
