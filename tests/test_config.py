@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clustermix.config import load_config, parse_override
+from clustermix.config import build_config, load_config, parse_override
 from clustermix.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +89,15 @@ def test_help_is_fast_and_lists_every_stage():
          "print(sorted(m for m in ('pyspark','ray','torch','faiss') if m in sys.modules))"],
         check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert probe.stdout.strip() == "[]"
+
+
+def test_blend_fingerprint_ignores_the_join_strategy_but_not_the_mix() -> None:
+    from clustermix.pipeline import config_hash
+
+    def cfg(**blend: object):
+        return build_config({"input": {"path": "builtin://bbc"}, "sample": {"budget": 10}, "blend": blend})
+
+    base = config_hash(cfg(), "blend")
+    assert config_hash(cfg(broadcast_max_rows=0), "blend") == base
+    assert config_hash(cfg(mode="quality"), "blend") != base
+    assert config_hash(cfg(target_rows_per_file=10), "blend") != base

@@ -158,7 +158,10 @@ def config_hash(cfg: Config, stage: str) -> str:
                                                            "device"})
         keys["clip"] = cfg.search.clip or cfg.sample.clip
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-    return cfg.section_hash("blend", "sample")
+    # the join strategy changes how blended is computed, never what it holds
+    blend = cfg.blend.model_dump(mode="json", exclude={"broadcast_max_rows"})
+    return hashlib.sha256(json.dumps({"blend": blend, "sample": cfg.sample.model_dump(mode="json")},
+                                     sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _model_hash(cfg: Config) -> str:
