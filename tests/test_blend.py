@@ -12,7 +12,7 @@ from clustermix import lake as lk
 from clustermix.blend import join_docs, join_strategy, run_blend
 from clustermix.clusterclip import allocate
 from clustermix.config import BlendConfig, SampleConfig
-from clustermix.plan import alloc_frame, build_plan
+from clustermix.plan import Counts, build_plan
 
 SIZES = [40, 25, 10, 5]
 
@@ -31,7 +31,7 @@ def tables(spark):
 
 def _plan(spark, members, budget):
     a = allocate(np.array(SIZES), np.ones(len(SIZES)), budget, 4)
-    alloc = alloc_frame(spark, list(range(len(SIZES))), SIZES, a.draws.tolist())
+    alloc = Counts.of(np.arange(len(SIZES)), np.array(SIZES), a.draws)
     active = a.draws[a.draws > 0]
     return build_plan(members, alloc, seed=3, within="uniform", order="stratified", a_min=int(active.min()),
                       partitions=2)

@@ -9,7 +9,7 @@ import pytest
 
 from clustermix.clusterclip import allocate
 from clustermix.config import SampleConfig
-from clustermix.plan import alloc_frame, build_plan
+from clustermix.plan import Counts, build_plan
 
 SIZES = [200, 50, 10, 3, 1]
 
@@ -24,7 +24,7 @@ def members(spark):
 
 def _plan(spark, members, budget, clip, order, within="uniform", seed=7):
     a = allocate(np.array(SIZES), np.ones(len(SIZES)), budget, clip)
-    alloc = alloc_frame(spark, list(range(len(SIZES))), SIZES, a.draws.tolist())
+    alloc = Counts.of(np.arange(len(SIZES)), np.array(SIZES), a.draws)
     active = a.draws[a.draws > 0]
     df = build_plan(members, alloc, seed=seed, within=within, order=order, a_min=int(active.min()), partitions=3)
     return a, df.collect()
@@ -114,7 +114,7 @@ def big_members(spark):
 def _big_plan(spark, big, budget, order, seed=7, partitions=3):
     members, sizes = big
     a = allocate(np.array(list(sizes.values())), np.ones(len(sizes)), budget, 4)
-    alloc = alloc_frame(spark, list(sizes), list(sizes.values()), a.draws.tolist())
+    alloc = Counts.of(np.array(list(sizes)), np.array(list(sizes.values())), a.draws)
     active = a.draws[a.draws > 0]
     return a, build_plan(members, alloc, seed=seed, within="uniform", order=order, a_min=int(active.min()),
                          partitions=partitions)

@@ -157,11 +157,14 @@ def config_hash(cfg: Config, stage: str) -> str:
         keys = cfg.search.model_dump(mode="json", exclude={"gpus_per_proxy", "cpus_per_proxy", "torch_threads",
                                                            "device"})
         keys["clip"] = cfg.search.clip or cfg.sample.clip
-        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(keys)
     # the join strategy changes how blended is computed, never what it holds
-    blend = cfg.blend.model_dump(mode="json", exclude={"broadcast_max_rows"})
-    return hashlib.sha256(json.dumps({"blend": blend, "sample": cfg.sample.model_dump(mode="json")},
-                                     sort_keys=True).encode()).hexdigest()[:16]
+    return _digest({"blend": cfg.blend.model_dump(mode="json", exclude={"broadcast_max_rows"}),
+                    "sample": cfg.sample.model_dump(mode="json")})
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _model_hash(cfg: Config) -> str:

@@ -50,12 +50,6 @@ class Counts:
     a: np.ndarray
 
     @classmethod
-    def from_frame(cls, alloc: DataFrame) -> Counts:
-        rows = sorted((int(r["cluster_id"]), int(r["n_k"]), int(r["a_k"])) for r in alloc.collect())  # K rows
-        table = np.array(rows, dtype=np.int64).reshape(-1, 3)
-        return cls(table[:, 0], table[:, 1], table[:, 2])
-
-    @classmethod
     def of(cls, cluster_id: np.ndarray, n: np.ndarray, a: np.ndarray) -> Counts:
         """From K numbers already on the driver, in cluster order."""
         order = np.argsort(np.asarray(cluster_id, dtype=np.int64), kind="stable")
@@ -87,12 +81,6 @@ def candidate_threshold(n: int, extra: int) -> int:
     if want >= n:
         return LONG_MAX
     return max(int(want / n * 2.0**64) - 2**63, -(2**63))
-
-
-def alloc_frame(spark: SparkSession, cluster_ids: list[int], sizes: list[int], draws: list[int]) -> DataFrame:
-    """The K-row allocation table the per-document job joins (broadcast) against."""
-    rows = [(int(c), int(n), int(a)) for c, n, a in zip(cluster_ids, sizes, draws, strict=False)]
-    return spark.createDataFrame(rows, "cluster_id int, n_k bigint, a_k bigint")
 
 
 def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> DataFrame:
@@ -227,15 +215,11 @@ def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min
     return ranked.withColumn("phase", phase)
 
 
-def build_plan(members: DataFrame, alloc: DataFrame | Counts, *, seed: int, within: str, order: str, a_min: int,
+def build_plan(members: DataFrame, counts: Counts, *, seed: int, within: str, order: str, a_min: int,
                partitions: int) -> DataFrame:
-    """The whole per-document plan: (id, cluster_id, draw, position, phase). ``alloc`` is the K-row
-    allocation as a frame (:func:`alloc_frame`, collected here) or as :class:`Counts`."""
+    """The whole per-document plan: (id, cluster_id, draw, position, phase) for the K numbers ``counts``."""
     from pyspark.sql import functions as F
 
-    if order not in ORDERS:
-        raise ValueError(f"unknown order {order!r}; expected one of {ORDERS}")
-    counts = alloc if isinstance(alloc, Counts) else Counts.from_frame(alloc)
     items = doc_draws(members, counts, seed, within)
     planned = with_position(items, counts, order, seed, a_min, partitions)
     return planned.select("id", "cluster_id", F.col("draw").cast("int"), F.col("position").cast("bigint"), "phase")

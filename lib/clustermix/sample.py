@@ -64,10 +64,10 @@ def allocate_docs(sizes: ClusterSizes, targets: np.ndarray, scfg: SampleConfig) 
 def make_plan(spark: SparkSession, members: DataFrame, sizes: ClusterSizes, draws: np.ndarray,
               scfg: SampleConfig, partitions: int) -> DataFrame:
     """The per-document plan for a K-vector of draws."""
-    alloc = plan.Counts.of(sizes.cluster_id, sizes.n_docs, draws)  # on the driver: no frame to collect back
+    counts = plan.Counts.of(sizes.cluster_id, sizes.n_docs, draws)
     active = draws[draws > 0]
     a_min = int(active.min()) if len(active) else 0
-    return plan.build_plan(members, alloc, seed=scfg.seed, within=scfg.within, order=scfg.order, a_min=a_min,
+    return plan.build_plan(members, counts, seed=scfg.seed, within=scfg.within, order=scfg.order, a_min=a_min,
                            partitions=partitions)
 
 
