@@ -6,10 +6,11 @@ import contextlib
 import io
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from clustermix import lake as lk
-from clustermix.blend import join_docs, join_strategy, run_blend
+from clustermix.blend import MIN_ROWS_PER_RANGE, join_docs, join_strategy, position_ranges, run_blend
 from clustermix.clusterclip import allocate
 from clustermix.config import BlendConfig, SampleConfig
 from clustermix.plan import Counts, build_plan
@@ -40,6 +41,16 @@ def _plan(spark, members, budget):
 def _small_plan(spark):
     rows = [(f"c0-{i}", 0, 0, i, "stratified") for i in range(30)]
     return spark.createDataFrame(rows, "id string, cluster_id int, draw int, position bigint, phase string")
+
+
+def test_position_ranges_keep_every_core_busy_without_tiny_files():
+    per = MIN_ROWS_PER_RANGE
+    assert position_ranges(120, 50, 2) == 3  # small blend: one range per file
+    assert position_ranges(1_000_000, 250_000, 8) == 8  # 4 files' worth, spread over 8 write tasks
+    assert position_ranges(1_000_000, 250_000, 2) == 4  # never fewer than the files
+    assert position_ranges(3 * per, 250_000, 8) == 3  # ranges keep MIN_ROWS_PER_RANGE rows
+    assert position_ranges(per - 1, 250_000, 8) == 1
+    assert position_ranges(0, 250_000, 8) == 1
 
 
 def _physical(df) -> str:
@@ -85,6 +96,16 @@ def test_blended_is_the_same_whichever_join(spark, tables, tmp_path):
         rows = writer.read("blended").collect()
         results[info["join"]] = [tuple(r) for r in sorted(rows, key=lambda r: r["position"])]
         assert [r["position"] for r in sorted(rows, key=lambda r: r["position"])] == list(range(budget))
-        assert len(lk.file_uris(lake.table("blended"))) == 3  # ceil(120 / 50) position ranges
+        files = lk.file_uris(lake.table("blended"))
+        assert len(files) == 3  # ceil(120 / 50) position ranges
+        # each file: one contiguous, sorted run of positions, so a trainer streams files in order
+        runs = sorted(pq.read_table(f.removeprefix("file://"), columns=["position"])["position"].to_pylist()
+                      for f in files)
+        assert [p for run in runs for p in run] == list(range(budget))
     assert set(results) == {"broadcast", "shuffle"}
     assert results["broadcast"] == results["shuffle"]
+
+
+def test_local_session_rebuilds_delta_state_with_one_task_per_core(spark):
+    # the test session runs local[2]: Delta's default of 50 tasks per new table version would apply otherwise
+    assert spark.conf.get("spark.databricks.delta.snapshotPartitions") == "2"

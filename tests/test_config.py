@@ -101,3 +101,16 @@ def test_blend_fingerprint_ignores_the_join_strategy_but_not_the_mix() -> None:
     assert config_hash(cfg(broadcast_max_rows=0), "blend") == base
     assert config_hash(cfg(mode="quality"), "blend") != base
     assert config_hash(cfg(target_rows_per_file=10), "blend") != base
+
+
+def test_local_cores_reads_the_local_master() -> None:
+    import os
+
+    from clustermix.runtime import local_cores
+
+    assert local_cores("local") == 1
+    assert local_cores("local[2]") == 2
+    assert local_cores("local[4, 3]") == 4  # local[N, maxFailures]
+    assert local_cores("local[*]") == (os.cpu_count() or 1)
+    for master in (None, "yarn", "spark://host:7077", "k8s://https://api:6443", "local-cluster[2,1,1024]"):
+        assert local_cores(master) is None

@@ -111,14 +111,28 @@ def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, doc
         n_rows = int(draws.sum())
     info["join"] = join_strategy(n_rows, bcfg.broadcast_max_rows)
     out = join_docs(planned, docs, info["join"])
-    n_files = max(1, -(-n_rows // bcfg.target_rows_per_file))
+    n_ranges = position_ranges(n_rows, bcfg.target_rows_per_file, partitions)
     # positions are exactly 0..B-1, so contiguous position ranges need no sampling pass
-    # (repartitionByRange would run one); each file then holds whole ranges, sorted
-    out = (out.repartition(n_files, F.floor(F.col("position") * n_files / max(n_rows, 1)))
+    # (repartitionByRange would run one); each file then holds part of one range, sorted
+    out = (out.repartition(n_ranges, F.floor(F.col("position") * n_ranges / max(n_rows, 1)))
            .sortWithinPartitions("position"))
     write("blended", contracts.check(out, "blended"), max_records_per_file=bcfg.target_rows_per_file)
     info["mode"] = bcfg.mode
     return info
+
+
+MIN_ROWS_PER_RANGE = 10_000  # below this a range's file is smaller than the task that writes it is worth
+
+
+def position_ranges(n_rows: int, target_rows_per_file: int, partitions: int) -> int:
+    """How many contiguous position ranges ``blended`` is shuffled into (one write task each).
+
+    At least one per ``target_rows_per_file`` rows (the write splits a larger range into several
+    files), and at least ``partitions`` while each range keeps ``MIN_ROWS_PER_RANGE`` rows, so that a
+    blend of a few files is still sorted and written by every core, not by one task."""
+    by_file = max(1, -(-n_rows // target_rows_per_file))
+    by_cores = min(max(1, partitions), max(1, n_rows // MIN_ROWS_PER_RANGE))
+    return max(by_file, by_cores)
 
 
 def join_strategy(n_rows: int, broadcast_max_rows: int) -> str:

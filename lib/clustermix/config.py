@@ -145,6 +145,7 @@ class BlendConfig(_Section):
     domain_weights: dict[str, float] = Field(default_factory=dict)
     quality_alpha: float = Field(1.0, ge=0)
     mixture_path: str | None = None
+    # at most this many rows per file of `blended` (small blends get smaller files: see blend.position_ranges)
     target_rows_per_file: int = Field(250_000, ge=1)
     # plans of at most this many rows are broadcast to the join with docs, which then is never
     # shuffled; larger ones are joined by shuffling both sides by id. Memory on the driver and on each

@@ -72,6 +72,21 @@ def _offline_ivy_settings(repo: Path, workdir: Path) -> Path:
     return path
 
 
+def local_cores(master: str | None) -> int | None:
+    """The cores of a ``local``/``local[N]``/``local[*]`` master (``local[N, retries]`` too), else None."""
+    if not master or not master.startswith("local"):
+        return None
+    inside = master[len("local"):].strip("[]").split(",")[0].strip()
+    if inside == "":
+        return 1
+    if inside == "*":
+        return os.cpu_count() or 1
+    try:
+        return max(1, int(inside))
+    except ValueError:
+        return None
+
+
 def spark_session(cfg: Config) -> SparkSession:
     """Get or create the process's Spark session with Delta enabled."""
     from pyspark.sql import SparkSession
@@ -92,6 +107,12 @@ def spark_session(cfg: Config) -> SparkSession:
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
     }
+    cores = local_cores(sc.master)
+    if cores is not None:
+        # Delta rebuilds a table's file list with this many tasks after each new version (default 50):
+        # on a cluster they run side by side; on one machine each costs tens of ms, a second or two per
+        # table operation, so local mode uses one per core
+        conf["spark.databricks.delta.snapshotPartitions"] = str(cores)
     s3 = uses_s3(cfg)
     if s3:
         from clustermix import storage
