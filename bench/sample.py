@@ -25,7 +25,26 @@ from clustermix.config import build_config
 from common import save, timed
 
 
-def make_tables(spark, lake: lk.Lake, n: int, k: int) -> None:
+def text_column(spark, text_chars: int):
+    """A document's text: its id, then (``text_chars`` > 0) the first ``text_chars`` characters of one
+    of the BBC articles the package ships, picked by a hash of the id. Real prose of a set length,
+    so the cost of moving text is measured, not only the per-row overhead."""
+    from pyspark.sql import functions as F
+
+    from clustermix.corpus import iter_records
+
+    if text_chars <= 0:
+        return lambda ids: ids.withColumn("text", F.concat(F.lit("text of "), F.col("id")))
+    texts = [str(r["text"]) for r in iter_records("bbc")]
+    # articles shorter than text_chars are repeated up to it
+    passages = [(i, (t + "\n") * (text_chars // max(len(t), 1) + 1)) for i, t in enumerate(texts)]
+    table = spark.createDataFrame([(i, t[:text_chars]) for i, t in passages], "_p int, _passage string")
+    return lambda ids: (ids.withColumn("_p", F.pmod(F.xxhash64(F.col("id")), F.lit(len(passages))).cast("int"))
+                        .join(F.broadcast(table), "_p")
+                        .withColumn("text", F.concat(F.col("id"), F.lit("\n"), F.col("_passage"))))
+
+
+def make_tables(spark, lake: lk.Lake, n: int, k: int, text_chars: int) -> None:
     """Synthetic docs + assignments (+ centroids rows for stats) with skewed cluster sizes."""
     from pyspark.sql import functions as F
 
@@ -34,8 +53,8 @@ def make_tables(spark, lake: lk.Lake, n: int, k: int) -> None:
     ids = spark.range(n).withColumn("id", F.format_string("doc-%09d", F.col("id")))
     # Zipf-like: cluster = floor(k * u^3) puts most rows in the first clusters
     u = F.rand(seed=1)
-    docs = ids.select(
-        "id", F.concat(F.lit("text of "), F.col("id")).alias("text"),
+    docs = text_column(spark, text_chars)(ids).select(
+        "id", "text",
         F.when(u < 0.5, "web").when(u < 0.8, "code").otherwise("books").alias("domain"),
         F.rand(seed=2).alias("quality"), (F.rand(seed=3) * 1000 + 50).cast("bigint").alias("n_tokens"))
     lk.write(docs, lake, "docs", {"bench": True})
@@ -47,13 +66,13 @@ def make_tables(spark, lake: lk.Lake, n: int, k: int) -> None:
     lk.write(stats, lake, "cluster_stats", {"bench": True})
 
 
-def bench_one(spark, n: int, k: int, work: Path) -> dict[str, float]:
+def bench_one(spark, n: int, k: int, text_chars: int, work: Path) -> dict[str, float]:
     from clustermix.blend import run_blend
     from clustermix.sample import run_sample
 
     lake = lk.Lake(str(work / f"lake-{n}"))
     print(f"N={n:,}: building synthetic tables (not timed)", flush=True)
-    make_tables(spark, lake, n, k)
+    make_tables(spark, lake, n, k, text_chars)
     budget = n // 4
     cfg = build_config({"lake": {"root": lake.root}, "input": {"path": "builtin://bbc"},
                         "sample": {"budget": budget, "clip": 4, "order": "random"},
@@ -86,6 +105,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--shuffle-partitions", type=int, default=8)
+    ap.add_argument("--text-chars", type=int, default=1000,
+                    help="characters of prose per document after its id (0: only 'text of <id>')")
     args = ap.parse_args()
     from clustermix.runtime import spark_session
 
@@ -95,11 +116,11 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            results[n] = bench_one(spark, n, args.k, Path(tmp))
+            results[n] = bench_one(spark, n, args.k, args.text_chars, Path(tmp))
     lo, hi = min(args.sizes), max(args.sizes)
     scale = results[hi]["clusterclip sample+blend+write"] / results[lo]["clusterclip sample+blend+write"]
     print(f"scaling {hi:,}/{lo:,} rows: time ratio {scale:.2f} (goal <= {4.4 * hi / lo / 4:.1f})")
-    save("sample", {"k": args.k, "results": {str(n): r for n, r in results.items()}, "scaling": scale})
+    save("sample", {"k": args.k, "text_chars": args.text_chars, "results": {str(n): r for n, r in results.items()}, "scaling": scale})
     spark.stop()
 
 
