@@ -66,6 +66,20 @@ def make_tables(spark, lake: lk.Lake, n: int, k: int, text_chars: int) -> None:
     lk.write(stats, lake, "cluster_stats", {"bench": True})
 
 
+def check_position_runs(uri: str, total: int) -> None:
+    """Every file of ``blended`` is one contiguous run of positions and the runs tile 0..total-1
+    (from the Delta log's per-file min/max statistics: no data read)."""
+    from deltalake import DeltaTable
+
+    actions = DeltaTable(uri).get_add_actions(flatten=True).to_pylist()
+    runs = sorted((a["min.position"], a["max.position"], a["num_records"]) for a in actions)
+    assert all(hi - lo + 1 == n for lo, hi, n in runs), "a file of blended is not one contiguous run"
+    starts = [lo for lo, _, _ in runs]
+    ends = [hi + 1 for _, hi, _ in runs]
+    assert starts == [0, *ends[:-1]] and ends[-1] == total, "the files' runs do not tile the positions"
+    print(f"  blended: {len(runs)} files, each one contiguous run of positions", flush=True)
+
+
 def bench_one(spark, n: int, k: int, text_chars: int, work: Path) -> dict[str, float]:
     from clustermix.blend import run_blend
     from clustermix.sample import run_sample
@@ -94,6 +108,7 @@ def bench_one(spark, n: int, k: int, text_chars: int, work: Path) -> dict[str, f
     t = best
     rows = lk.num_records(lake.table("blended"))
     assert rows == budget, rows
+    check_position_runs(lake.table("blended"), budget)
     t["ratio"] = t["clusterclip sample+blend+write"] / t["df.sample + write (baseline)"]
     print(f"  ratio clusterclip/baseline: {t['ratio']:.2f} (goal <= 2)", flush=True)
     lake.remove(lake.root)

@@ -10,7 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from clustermix import lake as lk
-from clustermix.blend import MIN_ROWS_PER_RANGE, join_docs, join_strategy, position_ranges, run_blend
+from clustermix.blend import (
+    MIN_ROWS_PER_RANGE,
+    by_position_range,
+    join_docs,
+    join_strategy,
+    position_ranges,
+    range_keys,
+    run_blend,
+)
 from clustermix.clusterclip import allocate
 from clustermix.config import BlendConfig, SampleConfig
 from clustermix.plan import Counts, build_plan
@@ -109,3 +117,30 @@ def test_blended_is_the_same_whichever_join(spark, tables, tmp_path):
 def test_local_session_rebuilds_delta_state_with_one_task_per_core(spark):
     # the test session runs local[2]: Delta's default of 50 tasks per new table version would apply otherwise
     assert spark.conf.get("spark.databricks.delta.snapshotPartitions") == "2"
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 37])
+def test_range_keys_land_each_range_in_its_own_shuffle_partition(spark, n):
+    from pyspark.sql import functions as F
+
+    keys = range_keys(spark, n)
+    assert len(set(keys)) == n
+    frame = spark.createDataFrame([(i, k) for i, k in enumerate(keys)], "i int, k int")
+    spark.conf.set("spark.sql.adaptive.enabled", "false")  # the partitioner itself, no coalescing
+    try:
+        placed = frame.repartition(n, "k").select("i", F.spark_partition_id().alias("p")).collect()
+    finally:
+        spark.conf.unset("spark.sql.adaptive.enabled")
+    assert sorted((r["i"], r["p"]) for r in placed) == [(i, i) for i in range(n)]
+
+
+def test_by_position_range_gives_contiguous_sorted_partitions(spark):
+    from pyspark.sql import functions as F
+
+    n_rows, n_ranges = 1_000, 12
+    # positions arrive scrambled, as after the join
+    df = spark.range(n_rows).select(((F.col("id") * 7919) % n_rows).alias("position"))
+    parts = by_position_range(df, n_ranges, n_rows).rdd.glom().map(lambda rows: [r["position"] for r in rows]).collect()
+    runs = [p for p in parts if p]
+    assert all(run == list(range(run[0], run[0] + len(run))) for run in runs)  # each one sorted, contiguous
+    assert sorted(p for run in runs for p in run) == list(range(n_rows))

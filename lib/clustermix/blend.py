@@ -96,7 +96,6 @@ def targets_for(bcfg: BlendConfig, sizes: ClusterSizes) -> np.ndarray:
 def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, docs: DataFrame, sample_plan: DataFrame,
               bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any) -> dict[str, Any]:
     """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position."""
-    from pyspark.sql import functions as F
 
     if bcfg.mode == "clusterclip":
         planned, info = sample_plan, {"from": "sample_plan"}
@@ -112,13 +111,44 @@ def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, doc
     info["join"] = join_strategy(n_rows, bcfg.broadcast_max_rows)
     out = join_docs(planned, docs, info["join"])
     n_ranges = position_ranges(n_rows, bcfg.target_rows_per_file, partitions)
-    # positions are exactly 0..B-1, so contiguous position ranges need no sampling pass
-    # (repartitionByRange would run one); each file then holds part of one range, sorted
-    out = (out.repartition(n_ranges, F.floor(F.col("position") * n_ranges / max(n_rows, 1)))
-           .sortWithinPartitions("position"))
+    out = by_position_range(out, n_ranges, n_rows)
     write("blended", contracts.check(out, "blended"), max_records_per_file=bcfg.target_rows_per_file)
     info["mode"] = bcfg.mode
     return info
+
+
+def by_position_range(df: DataFrame, n_ranges: int, n_rows: int) -> DataFrame:
+    """``df`` in ``n_ranges`` partitions, partition ``i`` holding exactly the positions of range ``i``
+    (``floor(position · n_ranges / n_rows)``), each sorted by position: so every file written is one
+    contiguous run and the files in order of their first position are the training order.
+
+    Positions are exactly ``0..B-1``, so the ranges need no sampling pass (``repartitionByRange`` would
+    run one over the whole join). ``repartition(n, col)`` sends a row to ``pmod(hash(col), n)``, which
+    would put two ranges in one partition; each range is therefore keyed by a number that Spark's hash
+    sends to that range's own partition (:func:`range_keys`). AQE may merge neighbouring partitions,
+    which keeps each one a contiguous run."""
+    from pyspark.sql import functions as F
+
+    keys = F.array(*[F.lit(k) for k in range_keys(df.sparkSession, n_ranges)])
+    rng = F.floor(F.col("position") * n_ranges / max(n_rows, 1)).cast("int")
+    return (df.withColumn("_range_key", F.element_at(keys, rng + 1)).repartition(n_ranges, "_range_key")
+            .drop("_range_key").sortWithinPartitions("position"))
+
+
+def range_keys(spark: SparkSession, n: int) -> list[int]:
+    """Ints ``k_0..k_{n-1}`` with ``pmod(hash(k_i), n) == i``: the partition Spark's hash partitioning
+    gives ``k_i`` among ``n``. Found with Spark's own ``hash`` over the first few thousand ints
+    (about ``n·ln n`` are needed), so they match the shuffle's partitioner by construction."""
+    from pyspark.sql import functions as F
+
+    found: dict[int, int] = {}
+    limit = 16 * n + 64
+    while len(found) < n:
+        ints = spark.range(0, limit).select(F.col("id").cast("int").alias("k"))
+        rows = ints.groupBy(F.pmod(F.hash("k"), F.lit(n)).alias("p")).agg(F.min("k").alias("k")).collect()
+        found = {int(r["p"]): int(r["k"]) for r in rows}
+        limit *= 4
+    return [found[i] for i in range(n)]
 
 
 MIN_ROWS_PER_RANGE = 10_000  # below this a range's file is smaller than the task that writes it is worth
