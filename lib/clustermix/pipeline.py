@@ -136,6 +136,11 @@ class Run:
         return rec
 
 
+# the shape of blended's files for the same rows: 2 = each file one contiguous run of positions (before,
+# several ranges could share a file); a change reruns blends written before it
+BLENDED_LAYOUT = 2
+
+
 def config_hash(cfg: Config, stage: str) -> str:
     """Hash of the config that shapes ``stage``'s output (not resource knobs like batch sizes)."""
     if stage == "ingest":
@@ -160,7 +165,7 @@ def config_hash(cfg: Config, stage: str) -> str:
         return _digest(keys)
     # the join strategy changes how blended is computed, never what it holds
     return _digest({"blend": cfg.blend.model_dump(mode="json", exclude={"broadcast_max_rows"}),
-                    "sample": cfg.sample.model_dump(mode="json")})
+                    "sample": cfg.sample.model_dump(mode="json"), "layout": BLENDED_LAYOUT})
 
 
 def _digest(payload: dict[str, Any]) -> str:
