@@ -69,9 +69,10 @@ def make_tables(spark, lake: lk.Lake, n: int, k: int, text_chars: int) -> None:
 def check_position_runs(uri: str, total: int) -> None:
     """Every file of ``blended`` is one contiguous run of positions and the runs tile 0..total-1
     (from the Delta log's per-file min/max statistics: no data read)."""
+    import pyarrow as pa
     from deltalake import DeltaTable
 
-    actions = DeltaTable(uri).get_add_actions(flatten=True).to_pylist()
+    actions = pa.record_batch(DeltaTable(uri).get_add_actions(flatten=True)).to_pylist()
     runs = sorted((a["min.position"], a["max.position"], a["num_records"]) for a in actions)
     assert all(hi - lo + 1 == n for lo, hi, n in runs), "a file of blended is not one contiguous run"
     starts = [lo for lo, _, _ in runs]
