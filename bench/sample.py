@@ -107,9 +107,7 @@ def bench_one(spark, n: int, k: int, text_chars: int, work: Path) -> dict[str, f
             run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, writer)
         best = {k: min(v, best.get(k, v)) for k, v in t.items()}
     t = best
-    rows = lk.num_records(lake.table("blended"))
-    assert rows == budget, rows
-    check_position_runs(lake.table("blended"), budget)
+    check_position_runs(lake.table("blended"), budget)  # also: exactly `budget` rows
     t["ratio"] = t["clusterclip sample+blend+write"] / t["df.sample + write (baseline)"]
     print(f"  ratio clusterclip/baseline: {t['ratio']:.2f} (goal <= 2)", flush=True)
     lake.remove(lake.root)

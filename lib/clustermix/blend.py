@@ -96,7 +96,6 @@ def targets_for(bcfg: BlendConfig, sizes: ClusterSizes) -> np.ndarray:
 def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, docs: DataFrame, sample_plan: DataFrame,
               bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any) -> dict[str, Any]:
     """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position."""
-
     if bcfg.mode == "clusterclip":
         planned, info = sample_plan, {"from": "sample_plan"}
         # the plan's rows: at most the budget when it counts documents (less only on a shortfall, which
@@ -141,6 +140,8 @@ def range_keys(spark: SparkSession, n: int) -> list[int]:
     (about ``n·ln n`` are needed), so they match the shuffle's partitioner by construction."""
     from pyspark.sql import functions as F
 
+    if n == 1:  # one partition takes every key: no job (the usual case for a small blend)
+        return [0]
     found: dict[int, int] = {}
     limit = 16 * n + 64
     while len(found) < n:
