@@ -165,17 +165,24 @@ def permutation_keys(size: int, seed: int) -> list[int]:
 def permute(df: DataFrame, col: str, size: int, seed: int, out: str) -> DataFrame:
     """``out`` = a seeded pseudo-random permutation of ``col`` over ``0..size-1`` (swap-or-not, Hoang,
     Morris and Rogaway 2012): each round pairs x with ``k - x mod size`` and swaps the pair on a hash
-    of the pair, so every round, and the whole, is a bijection for any ``size``. One column per round:
-    Spark does not inline a non-trivial column it would have to repeat, so the plan stays linear."""
+    of the pair, so every round, and the whole, is a bijection for any size. One column per round:
+    Spark does not inline a non-trivial column it would have to repeat, so the plan stays linear.
+    Each round is one SQL expression: built from Column calls it took ~150 Py4J round trips, over a
+    second of driver time per plan."""
     from pyspark.sql import functions as F
 
     df = df.withColumn(out, F.col(col).cast("bigint"))
+    x, n = f"`{out}`", f"CAST({size} AS BIGINT)"
     for i, k in enumerate(permutation_keys(size, seed)):
-        x = F.col(out)
-        partner = F.pmod(F.lit(k).cast("bigint") - x, F.lit(size).cast("bigint"))
-        swap = F.xxhash64(F.lit(seed), F.lit(i), F.greatest(x, partner)).bitwiseAND(F.lit(1)) == 1
-        df = df.withColumn(out, F.when(swap, partner).otherwise(x))
+        partner = f"pmod(CAST({k} AS BIGINT) - {x}, {n})"
+        swap = f"(xxhash64({_int_literal(seed)}, {_int_literal(i)}, greatest({x}, {partner})) & 1) = 1"
+        df = df.withColumn(out, F.expr(f"CASE WHEN {swap} THEN {partner} ELSE {x} END"))
     return df
+
+
+def _int_literal(v: int) -> str:
+    """``v`` as SQL with the type ``F.lit(v)`` gives it (int if it fits, else bigint): hashes depend on it."""
+    return f"CAST({v} AS INT)" if -(2**31) <= v < 2**31 else f"CAST({v} AS BIGINT)"
 
 
 def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min: int, partitions: int) -> DataFrame:
