@@ -113,6 +113,9 @@ def spark_session(cfg: Config) -> SparkSession:
         # on a cluster they run side by side; on one machine each costs tens of ms, a second or two per
         # table operation, so local mode uses one per core
         conf["spark.databricks.delta.snapshotPartitions"] = str(cores)
+        # shuffle files never leave this machine: compressing them only spends the cores (lz4 on a
+        # shuffle of 1 GB of text cost ~2.5 s of 2 cores; bench/RESULTS.md), for disk that stays local
+        conf["spark.shuffle.compress"] = "false"
     s3 = uses_s3(cfg)
     if s3:
         from clustermix import storage
