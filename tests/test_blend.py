@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import pytest
 from clustermix import lake as lk
 from clustermix.blend import (
     MIN_ROWS_PER_RANGE,
+    broadcast_join,
     by_position_range,
     join_docs,
     join_strategy,
@@ -80,6 +82,27 @@ def test_below_the_bound_docs_are_streamed_past_a_broadcast_plan_not_shuffled(sp
     text = _physical(join_docs(_small_plan(spark), docs, "broadcast"))
     assert "BroadcastHashJoin" in text and "SortMergeJoin" not in text
     assert "Exchange hashpartitioning" not in text  # neither side is shuffled by id
+
+
+def test_the_broadcast_is_keyed_by_a_long_and_the_ids_are_compared(spark, tables):
+    _, docs = tables
+    text = _physical(join_docs(_small_plan(spark), docs, "broadcast"))
+    assert re.search(r"HashedRelationBroadcastMode\(List\(input\[\d+, bigint, false\]\)", text)  # not the id string
+    assert "(_plan_id" in text and "= id" in text  # the ids checked after the probe
+
+
+def test_a_colliding_key_never_pairs_a_document_with_anothers_draws(spark, tables):
+    from pyspark.sql import functions as F
+
+    _, docs = tables
+    plan = _small_plan(spark)
+    cols = docs.select("id", "text", "domain", "quality", "n_tokens")
+    # two key values for all ids: almost every probe meets rows of other documents
+    got = broadcast_join(plan, cols, lambda c: F.pmod(F.xxhash64(c), F.lit(2))).select("id", "text", "position")
+    want = plan.join(cols, "id").select("id", "text", "position")
+    rows = sorted(tuple(r) for r in got.collect())
+    assert rows == sorted(tuple(r) for r in want.collect())
+    assert rows and all(text.split()[1:] == ident.removeprefix("c").split("-") for ident, text, _ in rows)
 
 
 def test_above_the_bound_both_sides_are_shuffled_by_id_even_when_spark_would_broadcast(spark, tables):

@@ -20,7 +20,9 @@ from clustermix.sample import ClusterSizes, allocate_docs, make_plan, members_fr
 from clustermix.stats import NO_DOMAIN
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from collections.abc import Callable
+
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 
 def proportional_targets(sizes: ClusterSizes, weights: dict[str, float]) -> np.ndarray:
@@ -181,10 +183,29 @@ def join_docs(planned: DataFrame, docs: DataFrame, strategy: str) -> DataFrame:
     not left to Spark's estimate from file sizes (``spark.sql.autoBroadcastJoinThreshold``: 10 MB
     of Parquet, under a million plan rows), which would shuffle the corpus for any larger plan.
     """
+    from pyspark.sql import functions as F
+
     cols = docs.select("id", "text", "domain", "quality", "n_tokens")
-    plan = planned.hint("broadcast") if strategy == "broadcast" else planned.hint("shuffle_merge")
-    return plan.join(cols, "id").select(
-        "id", "text", "cluster_id", "domain", "quality", "n_tokens", "draw", "position", "phase")
+    if strategy == "broadcast":
+        joined = broadcast_join(planned, cols, F.xxhash64)
+    else:
+        joined = planned.hint("shuffle_merge").join(cols, "id")
+    return joined.select("id", "text", "cluster_id", "domain", "quality", "n_tokens", "draw", "position", "phase")
+
+
+def broadcast_join(planned: DataFrame, cols: DataFrame, key: Callable[[Column], Column]) -> DataFrame:
+    """``planned`` joined to ``cols`` on ``id`` through a broadcast keyed by ``key(id)``, a 64-bit hash.
+
+    On a long key Spark builds a ``LongHashedRelation``: smaller to broadcast and faster to probe
+    than a map keyed by the id strings, for every row of the corpus. The ids are then compared as
+    a condition of the join (a CASE, which the optimizer cannot turn back into a join key), so a
+    hash collision cannot pair a document with another's draws."""
+    from pyspark.sql import functions as F
+
+    plan = planned.withColumnRenamed("id", "_plan_id").withColumn("_key", key(F.col("_plan_id")))
+    same = F.when(F.col("_plan_id") == F.col("id"), True).otherwise(False)
+    return cols.withColumn("_key", key(F.col("id"))).join(F.broadcast(plan), "_key").where(same).drop(
+        "_key", "_plan_id")
 
 
 def domain_mix(blended: DataFrame) -> dict[str, dict[str, int]]:
