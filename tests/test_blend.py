@@ -137,9 +137,10 @@ def test_blended_is_the_same_whichever_join(spark, tables, tmp_path):
     assert results["broadcast"] == results["shuffle"]
 
 
-def test_local_session_rebuilds_delta_state_with_one_task_per_core(spark):
+def test_local_session_rebuilds_delta_state_with_one_task_per_core_and_leaves_shuffles_uncompressed(spark):
     # the test session runs local[2]: Delta's default of 50 tasks per new table version would apply otherwise
     assert spark.conf.get("spark.databricks.delta.snapshotPartitions") == "2"
+    assert spark.conf.get("spark.shuffle.compress") == "false"  # shuffle files stay on this machine
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 37])
