@@ -198,9 +198,9 @@ def broadcast_join(planned: DataFrame, cols: DataFrame, key: Callable[[Column], 
 
     On a long key Spark builds a ``LongHashedRelation``, faster to build and to probe, for every row
     of the corpus, than a map keyed by the id strings (the blend at 4M documents, 1M draws: ~27.8 ->
-    21-25 s; bench/RESULTS.md). The ids are then compared as
-    a condition of the join (a CASE, which the optimizer cannot turn back into a join key), so a
-    hash collision cannot pair a document with another's draws."""
+    21-25 s; bench/RESULTS.md). The ids are then compared as a condition of the join (a CASE, which
+    the optimizer cannot turn back into a join key), so a hash collision cannot pair a document
+    with another's draws."""
     from pyspark.sql import functions as F
 
     plan = planned.withColumnRenamed("id", "_plan_id").withColumn("_key", key(F.col("_plan_id")))
