@@ -16,12 +16,20 @@ SCALA=2.13
 REPO=${CLUSTERMIX_MAVEN_REPO:-$HOME/.m2/repository}
 command -v mvn >/dev/null || { echo "fetch-jars: Maven (mvn) is required: apt-get install maven" >&2; exit 1; }
 
-jar_path() { local g=${1%%:*} rest=${1#*:}; local a=${rest%%:*} v=${rest#*:}; echo "$REPO/${g//.//}/$a/$v/$a-$v.jar"; }
-fetch() {  # fetch ARTIFACT [extra mvn flags]: the jar and its POM (with its parent POMs)
+artifact_path() { local g=${1%%:*} rest=${1#*:}; local a=${rest%%:*} v=${rest#*:}; echo "$REPO/${g//.//}/$a/$v/$a-$v.$2"; }
+FETCHED=0
+fetch() {  # fetch ARTIFACT [extra mvn flags]: the jar (and, fetched transitively, its POM)
   local artifact=$1; shift
-  if [ -f "$(jar_path "$artifact")" ]; then echo "fetch-jars: $artifact present"; return; fi
+  if [ -f "$(artifact_path "$artifact" jar)" ]; then echo "fetch-jars: $artifact present"; return; fi
   echo "fetch-jars: downloading $artifact into $REPO"
   mvn -q -B dependency:get -Dartifact="$artifact" -Dmaven.repo.local="$REPO" "$@"
+  FETCHED=1
+}
+fetch_pom() {  # fetch_pom ARTIFACT: only its POM, where Spark's Ivy reads its dependencies
+  [ -f "$(artifact_path "$1" pom)" ] && return
+  echo "fetch-jars: downloading the POM of $1 into $REPO"
+  mvn -q -B dependency:get -Dartifact="$1:pom" -Dtransitive=false -Dmaven.repo.local="$REPO"
+  FETCHED=1
 }
 pom_property() {  # pom_property POM NAME: a <NAME>value</NAME> property of a POM
   sed -n "s:.*<$2>\(.*\)</$2>.*:\1:p" "$1" | head -1
@@ -34,11 +42,25 @@ fetch "io.delta:delta-storage:${DELTA_VERSION}"
 # repository) that plain dependency:get would try to fetch. Its runtime dependencies are versioned
 # in the parent hadoop-project POM; fetch exactly those.
 fetch "org.apache.hadoop:hadoop-aws:${HADOOP_VERSION}" -Dtransitive=false
+# -Dtransitive=false fetches the jar alone; without its POM, Ivy would take hadoop-aws to need
+# nothing and s3a would fail on the first write (ClassNotFoundException for the AWS SDK)
+fetch_pom "org.apache.hadoop:hadoop-aws:${HADOOP_VERSION}"
 PARENT="$REPO/org/apache/hadoop/hadoop-project/${HADOOP_VERSION}/hadoop-project-${HADOOP_VERSION}.pom"
-[ -f "$PARENT" ] || mvn -q -B dependency:get -Dartifact="org.apache.hadoop:hadoop-project:${HADOOP_VERSION}:pom" \
-  -Dtransitive=false -Dmaven.repo.local="$REPO"
+if [ ! -f "$PARENT" ]; then  # Ivy reads the versions of hadoop-aws's dependencies from it too
+  mvn -q -B dependency:get -Dartifact="org.apache.hadoop:hadoop-project:${HADOOP_VERSION}:pom" \
+    -Dtransitive=false -Dmaven.repo.local="$REPO"
+  FETCHED=1
+fi
 AWS_SDK_VERSION=$(pom_property "$PARENT" aws-java-sdk-v2.version)
 WILDFLY_VERSION=$(pom_property "$PARENT" openssl-wildfly.version)
 [ -n "$AWS_SDK_VERSION" ] && [ -n "$WILDFLY_VERSION" ] || { echo "fetch-jars: cannot read hadoop-aws's dependency versions from $PARENT" >&2; exit 1; }
 fetch "software.amazon.awssdk:bundle:${AWS_SDK_VERSION}" -Dtransitive=false
 fetch "org.wildfly.openssl:wildfly-openssl:${WILDFLY_VERSION}" -Dtransitive=false
+
+# Ivy caches what it resolved (an artifact's dependencies included) and does not look again: after
+# anything new arrived here, drop clustermix's Ivy cache so the next Spark session resolves afresh.
+IVY_HOME=${CLUSTERMIX_IVY_HOME:-$HOME/.cache/clustermix/ivy}
+if [ "$FETCHED" = 1 ] && [ -d "$IVY_HOME/cache" ]; then
+  echo "fetch-jars: clearing Ivy's cache of earlier resolutions ($IVY_HOME)"
+  rm -rf "$IVY_HOME/cache" "$IVY_HOME/jars"
+fi

@@ -58,3 +58,21 @@ def test_images_pin_the_versions_of_pyproject():
     assert f"DELTA_VERSION={pins['delta-spark']}" in spark_df
     spark_submit = (ROOT / "deploy" / "spark-submit.sh").read_text()
     assert f"delta-spark_2.13:{pins['delta-spark']}" in spark_submit
+
+
+def test_an_s3_session_without_hadoop_aws_pom_fails_at_once_naming_the_fix(tmp_path):
+    """Without hadoop-aws's POM, Ivy resolves hadoop-aws alone and s3a fails deep in the first write
+    (no AWS SDK class); the session must refuse to start, naming the file and the setup step."""
+    from clustermix.errors import ClustermixError
+    from clustermix.runtime import hadoop_version, spark_session
+
+    repo = tmp_path / "m2"
+    hv = hadoop_version()
+    (repo / "io" / "delta" / "delta-spark_2.13").mkdir(parents=True)
+    aws = repo / "org" / "apache" / "hadoop" / "hadoop-aws" / hv
+    aws.mkdir(parents=True)
+    (aws / f"hadoop-aws-{hv}.jar").write_bytes(b"")  # the jar alone, as `dependency:get -Dtransitive=false` leaves it
+    cfg = build_config({"input": {"path": "builtin://bbc"}, "lake": {"root": "s3://bucket/lake"},
+                        "sample": {"budget": 1}, "spark": {"maven_repo": str(repo)}})
+    with pytest.raises(ClustermixError, match=rf"hadoop-aws-{re.escape(hv)}\.pom not found; run `make setup`"):
+        spark_session(cfg)

@@ -126,14 +126,15 @@ def spark_session(cfg: Config) -> SparkSession:
         conf["spark.jars.packages"] = ",".join([delta_package()] + ([s3a_package()] if s3 else []))
     if sc.delta_jars == "local-m2":
         repo = maven_repo(sc)
-        jar_dirs = [repo / "io" / "delta" / f"delta-spark_{DELTA_SCALA}"]
+        needed = [repo / "io" / "delta" / f"delta-spark_{DELTA_SCALA}"]
         if s3:
-            jar_dirs.append(repo / "org" / "apache" / "hadoop" / "hadoop-aws" / hadoop_version())
-        for jar_dir in jar_dirs:
-            if not jar_dir.is_dir():
-                raise ClustermixError(
-                    f"jars not found under {jar_dir}; run `make setup` (or deploy/fetch-jars.sh) first"
-                )
+            # Ivy learns from hadoop-aws's POM that it needs the AWS SDK bundle: without the POM the
+            # session starts and s3a fails later, deep in a write, on a missing SDK class
+            hv = hadoop_version()
+            needed.append(repo / "org" / "apache" / "hadoop" / "hadoop-aws" / hv / f"hadoop-aws-{hv}.pom")
+        for path in needed:
+            if not path.exists():
+                raise ClustermixError(f"{path} not found; run `make setup` (or deploy/fetch-jars.sh) first")
         ivy_home = Path(os.environ.get("CLUSTERMIX_IVY_HOME", Path.home() / ".cache" / "clustermix" / "ivy"))
         conf["spark.jars.ivySettings"] = str(_offline_ivy_settings(repo, ivy_home))
         conf["spark.jars.ivy"] = str(ivy_home)
