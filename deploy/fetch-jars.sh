@@ -46,11 +46,7 @@ fetch "org.apache.hadoop:hadoop-aws:${HADOOP_VERSION}" -Dtransitive=false
 # nothing and s3a would fail on the first write (ClassNotFoundException for the AWS SDK)
 fetch_pom "org.apache.hadoop:hadoop-aws:${HADOOP_VERSION}"
 PARENT="$REPO/org/apache/hadoop/hadoop-project/${HADOOP_VERSION}/hadoop-project-${HADOOP_VERSION}.pom"
-if [ ! -f "$PARENT" ]; then  # Ivy reads the versions of hadoop-aws's dependencies from it too
-  mvn -q -B dependency:get -Dartifact="org.apache.hadoop:hadoop-project:${HADOOP_VERSION}:pom" \
-    -Dtransitive=false -Dmaven.repo.local="$REPO"
-  FETCHED=1
-fi
+fetch_pom "org.apache.hadoop:hadoop-project:${HADOOP_VERSION}"  # Ivy reads the dependencies' versions here
 AWS_SDK_VERSION=$(pom_property "$PARENT" aws-java-sdk-v2.version)
 WILDFLY_VERSION=$(pom_property "$PARENT" openssl-wildfly.version)
 [ -n "$AWS_SDK_VERSION" ] && [ -n "$WILDFLY_VERSION" ] || { echo "fetch-jars: cannot read hadoop-aws's dependency versions from $PARENT" >&2; exit 1; }
