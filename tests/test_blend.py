@@ -20,6 +20,7 @@ from clustermix.blend import (
     position_ranges,
     range_keys,
     run_blend,
+    spark_hash_int,
 )
 from clustermix.clusterclip import allocate
 from clustermix.config import BlendConfig, SampleConfig
@@ -137,17 +138,26 @@ def test_blended_is_the_same_whichever_join(spark, tables, tmp_path):
     assert results["broadcast"] == results["shuffle"]
 
 
-def test_local_session_rebuilds_delta_state_with_one_task_per_core_and_leaves_shuffles_uncompressed(spark):
+def test_local_session_uses_one_delta_state_task_per_core_and_no_shuffle_or_broadcast_compression(spark):
     # the test session runs local[2]: Delta's default of 50 tasks per new table version would apply otherwise
     assert spark.conf.get("spark.databricks.delta.snapshotPartitions") == "2"
     assert spark.conf.get("spark.shuffle.compress") == "false"  # shuffle files stay on this machine
+    assert spark.conf.get("spark.broadcast.compress") == "false"
 
 
-@pytest.mark.parametrize("n", [1, 3, 8, 37])
+def test_spark_hash_int_is_sparks_hash_of_an_int(spark):
+    from pyspark.sql import functions as F
+
+    values = [0, 1, -1, 7, 42, 1000, 2**31 - 1, -(2**31), 123_456_789, -987_654_321]
+    rows = spark.createDataFrame([(v,) for v in values], "v int").select("v", F.hash("v").alias("h")).collect()
+    assert [spark_hash_int(r["v"]) for r in rows] == [r["h"] for r in rows]
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 37, 200])
 def test_range_keys_land_each_range_in_its_own_shuffle_partition(spark, n):
     from pyspark.sql import functions as F
 
-    keys = range_keys(spark, n)
+    keys = range_keys(n)
     assert len(set(keys)) == n
     frame = spark.createDataFrame([(i, k) for i, k in enumerate(keys)], "i int, k int")
     spark.conf.set("spark.sql.adaptive.enabled", "false")  # the partitioner itself, no coalescing

@@ -130,28 +130,41 @@ def by_position_range(df: DataFrame, n_ranges: int, n_rows: int) -> DataFrame:
     which keeps each one a contiguous run."""
     from pyspark.sql import functions as F
 
-    keys = F.array(*[F.lit(k) for k in range_keys(df.sparkSession, n_ranges)])
+    keys = F.array(*[F.lit(k) for k in range_keys(n_ranges)])
     rng = F.floor(F.col("position") * n_ranges / max(n_rows, 1)).cast("int")
     return (df.withColumn("_range_key", F.element_at(keys, rng + 1)).repartition(n_ranges, "_range_key")
             .drop("_range_key").sortWithinPartitions("position"))
 
 
-def range_keys(spark: SparkSession, n: int) -> list[int]:
+def range_keys(n: int) -> list[int]:
     """Ints ``k_0..k_{n-1}`` with ``pmod(hash(k_i), n) == i``: the partition Spark's hash partitioning
-    gives ``k_i`` among ``n``. Found with Spark's own ``hash`` over the first few thousand ints
-    (about ``n·ln n`` are needed), so they match the shuffle's partitioner by construction."""
-    from pyspark.sql import functions as F
-
-    if n == 1:  # one partition takes every key: no job (the usual case for a small blend)
-        return [0]
+    gives ``k_i`` among ``n``. Spark's ``hash`` of an int is Murmur3 (x86, 32 bits, seed 42) of its
+    four bytes (:func:`spark_hash_int`), so the keys are found here, on the driver, without a Spark
+    job; the tests check them against Spark's partitioner. About ``n·ln n`` ints are tried."""
     found: dict[int, int] = {}
-    limit = 16 * n + 64
+    k = 0
     while len(found) < n:
-        ints = spark.range(0, limit).select(F.col("id").cast("int").alias("k"))
-        rows = ints.groupBy(F.pmod(F.hash("k"), F.lit(n)).alias("p")).agg(F.min("k").alias("k")).collect()
-        found = {int(r["p"]): int(r["k"]) for r in rows}
-        limit *= 4
+        found.setdefault(spark_hash_int(k) % n, k)  # Python's % is pmod: never negative
+        k += 1
     return [found[i] for i in range(n)]
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _rotl32(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def spark_hash_int(value: int, seed: int = 42) -> int:
+    """Spark's ``hash()`` of an int column (``Murmur3_x86_32.hashInt``), as a signed 32-bit int."""
+    k1 = _rotl32((value & _M32) * 0xCC9E2D51 & _M32, 15) * 0x1B873593 & _M32
+    h1 = (_rotl32((seed & _M32) ^ k1, 13) * 5 + 0xE6546B64) & _M32
+    h1 ^= 4  # the input's length in bytes
+    h1 = (h1 ^ (h1 >> 16)) * 0x85EBCA6B & _M32
+    h1 = (h1 ^ (h1 >> 13)) * 0xC2B2AE35 & _M32
+    h1 ^= h1 >> 16
+    return h1 - (1 << 32) if h1 >= 1 << 31 else h1
 
 
 MIN_ROWS_PER_RANGE = 10_000  # below this a range's file is smaller than the task that writes it is worth
