@@ -105,7 +105,7 @@ def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> Dat
         keys = [F.col("quality").desc_nulls_last(), *keys]
     alloc = counts.frame(members.sparkSession, within)
     # the rank's shuffle carries only what the rank orders by; the cluster's numbers join back after
-    # it (a broadcast of K rows), which halves the bytes shuffled
+    # it (a broadcast of K rows): a third fewer bytes shuffled (99.9 -> 65.1 MB at 4M documents)
     ranked_cols = ["cluster_id", "id", "_h", "_s", *(["quality"] if within == "quality" else [])]
     candidates = (members.join(F.broadcast(alloc.select("cluster_id", "t_k")), "cluster_id").withColumn("_h", tie)
                   .where(F.col("_h") <= F.col("t_k")).withColumn("_s", F.lit(False)).select(*ranked_cols))
