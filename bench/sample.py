@@ -93,11 +93,13 @@ def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -
                         "sample": {"budget": budget, "clip": 4, "order": "random"},
                         "spark": {"shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions")}})
     parts = cfg.spark.shuffle_partitions
-    docs, asg, stats = (lk.read(spark, lake, x) for x in ("docs", "assignments", "cluster_stats"))
+    # pinned versions, as the pipeline's stages read their inputs (lake.read)
+    docs, asg, stats = (lk.read(spark, lake, x, lk.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
     writer = lk.TableWriter(lake, {"bench": True})
     best: dict[str, float] = {}
-    # rounds alternate the two sides and keep each side's fastest time: the first also warms the JVM,
-    # and on a shared host one slow round says more about the neighbours than about the code
+    # rounds alternate the two sides and keep each side's fastest time: the first rounds also warm the
+    # JVM (at 1M the ClusterClip side still fell from round 3 to 4: 20.6 -> 15.7 s), and on a shared
+    # host one slow round says more about the neighbours than about the code
     for rnd in range(rounds):
         t: dict[str, float] = {}
         print(f" round {rnd + 1}", flush=True)
@@ -120,7 +122,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 4_000_000])
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--shuffle-partitions", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per size; each side's fastest counts")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds per size; each side's fastest counts")
     ap.add_argument("--text-chars", type=int, default=1000,
                     help="characters of prose per document after its id (0: only 'text of <id>')")
     args = ap.parse_args()

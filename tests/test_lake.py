@@ -1,0 +1,44 @@
+"""Reading the lake: a pinned small table through its files, everything else through Delta's reader."""
+
+from __future__ import annotations
+
+from clustermix import lake as lk
+
+
+def scanned_by(df) -> str:
+    """The file index of the (single) scan Spark plans for ``df``."""
+    plan = df._jdf.queryExecution().executedPlan().toString()
+    return "files" if "InMemoryFileIndex" in plan else "delta" if "DeltaFileIndex" in plan else plan
+
+
+def delta_at(spark, lake: lk.Lake, name: str, at_version: int):
+    return spark.read.format("delta").option("versionAsOf", str(at_version)).load(lake.spark_uri(name))
+
+
+def test_a_pinned_small_table_is_read_from_its_files_as_delta_reads_that_version(spark, tmp_path):
+    lake = lk.Lake(str(tmp_path))
+    frame = "id, cast(id * 3 as string) as s, cast(id as int) as k, current_timestamp() as t"
+    v0 = lk.write(spark.range(10).repartition(3).selectExpr(*frame.split(", ")), lake, "t", {})
+    v1 = lk.write(spark.range(20, 25).selectExpr(*frame.split(", ")), lake, "t", {})
+    for v in (v0, v1):
+        got = lk.read(spark, lake, "t", v)
+        assert scanned_by(got) == "files"
+        want = delta_at(spark, lake, "t", v)
+        assert got.schema == want.schema
+        assert sorted(got.collect()) == sorted(want.collect())
+    assert sorted(r["id"] for r in lk.read(spark, lake, "t", v0).collect()) == list(range(10))
+
+
+def test_tables_whose_files_alone_are_not_the_table_are_read_by_delta(spark, tmp_path):
+    lake = lk.Lake(str(tmp_path))
+    rows = spark.range(lk.FEW_FILES + 8).selectExpr("id", "cast(id % 2 as int) as part")
+    v = lk.write(rows, lake, "parted", {}, partition_by=["part"])
+    parted = lk.read(spark, lake, "parted", v)
+    assert scanned_by(parted) == "delta"  # partition values live in the log, not in the files
+    assert sorted(parted.collect()) == sorted(delta_at(spark, lake, "parted", v).collect())
+
+    v = lk.write(rows, lake, "many", {}, max_records_per_file=1)  # one file per row
+    assert lk.pinned_files(lake.table("many"), v) is None
+    assert scanned_by(lk.read(spark, lake, "many", v)) == "delta"
+
+    assert scanned_by(lk.read(spark, lake, "parted")) == "delta"  # the latest version: Delta's reader
