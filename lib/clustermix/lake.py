@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
 
 
 class Lake:
@@ -183,7 +184,7 @@ def read(spark: SparkSession, lake: Lake, name: str, at_version: int | None = No
     return reader.load(lake.spark_uri(name))
 
 
-def pinned_files(uri: str, at_version: int) -> tuple[Any, list[str]] | None:
+def pinned_files(uri: str, at_version: int) -> tuple[StructType, list[str]] | None:
     """The Spark schema and the Parquet files (as Spark spells them) of version ``at_version`` of the
     table at ``uri``, when those files alone are that version: at most :data:`FEW_FILES` files, no
     partition columns (their values live in the log) and reader protocol 1 (no column mapping or
