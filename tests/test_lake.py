@@ -42,3 +42,41 @@ def test_tables_whose_files_alone_are_not_the_table_are_read_by_delta(spark, tmp
     assert scanned_by(lk.read(spark, lake, "many", v)) == "delta"
 
     assert scanned_by(lk.read(spark, lake, "parted")) == "delta"  # the latest version: Delta's reader
+
+
+def jobs_run_by(spark, group: str, action) -> int:
+    """How many Spark jobs ``action()`` runs (in this thread)."""
+    sc = spark.sparkContext
+    sc.setJobGroup(group, group)
+    try:
+        action()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    return len(sc.statusTracker().getJobIdsForGroup(group))
+
+
+def test_a_write_finds_the_state_loaded_ahead_of_it(spark, tmp_path):
+    lake = lk.Lake(str(tmp_path))
+    rows = spark.range(100).selectExpr("id", "cast(id as string) as s")
+    for _ in range(2):  # an overwrite after our own commit: the state of that new version is not loaded
+        lk.write(rows, lake, "t", {})
+    plain = jobs_run_by(spark, "plain", lambda: lk.write(rows, lake, "t", {}))
+    jobs_run_by(spark, "load", lambda: lk.load_state(spark, lake.table("t")))
+    ahead = jobs_run_by(spark, "ahead", lambda: lk.write(rows, lake, "t", {}))
+    assert ahead < plain, (ahead, plain)
+    assert lk.read(spark, lake, "t").count() == 100
+
+
+def test_prefetch_in_the_background_leaves_writes_as_they_were(spark, tmp_path):
+    lake = lk.Lake(str(tmp_path))
+    lk.write(spark.range(5).selectExpr("id"), lake, "t", {})
+    writer = lk.TableWriter(lake, {"stage": "test"})
+    writer.prefetch(spark, ["t", "new"])  # "new" does not exist yet: nothing to load
+    assert writer("t", spark.range(10, 13).selectExpr("id")) == 1
+    assert writer("new", spark.range(2).selectExpr("id")) == 0
+    assert sorted(r["id"] for r in writer.read("t").collect()) == [10, 11, 12]
+    assert sorted(r["id"] for r in writer.read("new").collect()) == [0, 1]
+    assert lk.last_commit_meta(lake.table("t")) == {"stage": "test"}
+    assert not writer._loading  # every background load was reaped by its write
+
+    lk.load_state(spark, str(tmp_path / "absent"))  # no table: a no-op, not an error

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -17,8 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from threading import Thread
+
     from pyspark.sql import DataFrame, SparkSession
     from pyspark.sql.types import StructType
+
+log = logging.getLogger(__name__)
 
 
 class Lake:
@@ -339,17 +345,62 @@ class LakeLock:
             pass
 
 
+def load_state(spark: SparkSession, uri: str) -> None:
+    """Have delta-spark compute the state (file list, sizes, domain metadata) of the latest version
+    of the table at ``uri``, and keep it cached with that version's snapshot; a no-op when there is
+    no table yet.
+
+    Every overwrite, replaceWhere and MERGE needs that state, and delta-spark 4.0 rebuilds it from
+    the log with three Spark jobs before the write's own work can start, even for a table of a few
+    files (``WriteIntoDelta`` reads the snapshot's domain metadata). Computed ahead, the write finds
+    it cached: a 1,000-row overwrite runs 2 jobs instead of 5."""
+    from delta.tables import DeltaTable
+
+    if version(uri) is not None:
+        DeltaTable.forPath(spark, spark_path(uri)).detail().collect()
+
+
+def _load_state_quietly(spark: SparkSession, uri: str) -> None:
+    try:
+        load_state(spark, uri)
+    except Exception as exc:  # only a head start: the write itself will meet any real problem
+        log.debug("loading the state of %s ahead of its write failed: %s", uri, exc)
+
+
 class TableWriter:
     """Writes a stage's tables with the stage's commit metadata; remembers the versions written."""
 
     def __init__(self, lake: Lake, meta: dict[str, Any]) -> None:
         self.lake, self.meta = lake, meta
         self.versions: dict[str, int] = {}
+        self._loading: dict[str, Thread] = {}
+
+    def prefetch(self, spark: SparkSession, names: Iterable[str]) -> None:
+        """Start loading the current state of the tables this writer will write (:func:`load_state`)
+        in the background, so that it overlaps the stage's reads and planning instead of delaying
+        its writes."""
+        from pyspark import InheritableThread  # carries the caller's job group and local properties
+
+        for name in names:
+            if name not in self._loading:
+                thread = InheritableThread(target=_load_state_quietly, args=(spark, self.lake.table(name)),
+                                           name=f"load-state-{name}", daemon=True)
+                thread.start()
+                self._loading[name] = thread
 
     def __call__(self, name: str, df: DataFrame, **kwargs: Any) -> int:
-        v = write(df, self.lake, name, self.meta, **kwargs)
+        # a write whose table state is still loading waits for it inside delta-spark (the snapshot's
+        # state is computed once, under its lock); the thread is reaped after the write
+        try:
+            v = write(df, self.lake, name, self.meta, **kwargs)
+        finally:
+            self._reap(name)
         self.versions[name] = v
         return v
+
+    def _reap(self, name: str) -> None:
+        if (thread := self._loading.pop(name, None)) is not None:
+            thread.join()
 
     def read(self, name: str) -> DataFrame:
         """Read back the version of ``name`` this writer committed."""
@@ -367,6 +418,7 @@ class TableWriter:
             action()
         finally:
             spark.conf.unset(key)
+            self._reap(name)
         v = version(self.lake.table(name))
         assert v is not None
         self.versions[name] = v

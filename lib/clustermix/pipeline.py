@@ -122,6 +122,7 @@ class Run:
         meta = {"run_id": self.run_id, "stage": stage, "fingerprint": fp, "inputs": inputs,
                 "config_hash": config_hash(self.cfg, stage), "clustermix_version": __version__}
         writer = lk.TableWriter(self.lake, meta)
+        writer.prefetch(self.spark, OUTPUTS[stage])  # every stage commits its outputs through Spark
         self.manifest["stages"][stage] = {"status": "running", "started_at": _now()}
         self.save()
         log.info("%s: running", stage)
