@@ -145,6 +145,13 @@ def test_local_session_uses_one_delta_state_task_per_core_and_no_shuffle_or_broa
     assert spark.conf.get("spark.broadcast.compress") == "false"
 
 
+def test_session_builds_columns_without_capturing_python_call_sites(spark):
+    from pyspark.errors.utils import is_debugging_enabled
+
+    assert spark.conf.get("spark.python.sql.dataFrameDebugging.enabled") == "false"
+    assert not is_debugging_enabled()  # what PySpark's Column calls consult
+
+
 def test_spark_hash_int_is_sparks_hash_of_an_int(spark):
     from pyspark.sql import functions as F
 

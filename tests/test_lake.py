@@ -78,5 +78,8 @@ def test_prefetch_in_the_background_leaves_writes_as_they_were(spark, tmp_path):
     assert sorted(r["id"] for r in writer.read("new").collect()) == [0, 1]
     assert lk.last_commit_meta(lake.table("t")) == {"stage": "test"}
     assert not writer._loading  # every background load was reaped by its write
+    writer.prefetch(spark, ["t"])
+    writer.settle()  # a load no write reaped
+    assert not writer._loading
 
     lk.load_state(spark, str(tmp_path / "absent"))  # no table: a no-op, not an error

@@ -398,6 +398,12 @@ class TableWriter:
         self.versions[name] = v
         return v
 
+    def settle(self) -> None:
+        """Wait for the background loads that no write reaped (a stage that failed, or wrote fewer
+        tables than it might have)."""
+        for name in list(self._loading):
+            self._reap(name)
+
     def _reap(self, name: str) -> None:
         if (thread := self._loading.pop(name, None)) is not None:
             thread.join()

@@ -127,7 +127,10 @@ class Run:
         self.save()
         log.info("%s: running", stage)
         t0 = time.time()
-        counts = fn(self, writer, inputs)
+        try:
+            counts = fn(self, writer, inputs)
+        finally:
+            writer.settle()
         if self._spark is not None:
             self._spark.catalog.clearCache()
         rec = {"status": "ran", "seconds": round(time.time() - t0, 2), "counts": counts,
