@@ -39,6 +39,7 @@ GROUPS_PER_PARTITION = 4  # position groups per shuffle partition: small sorts, 
 # strength permutation needs ~6·lg B, which a training order does not); 36 rounds cost 3x as much per
 # row as 16 here, likely because the generated code then outgrows what the JVM compiles
 PERMUTATION_ROUNDS = 16
+ROUNDS_PER_COLUMN = 2  # permutation rounds nested in one column (see permute)
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,13 @@ def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> Dat
         keys = [F.col("quality").desc_nulls_last(), *keys]
     alloc = counts.frame(members.sparkSession, within)
     # the rank's shuffle carries only what the rank orders by; the cluster's numbers join back after
-    # it (a broadcast of K rows): a third fewer bytes shuffled (99.9 -> 65.1 MB at 4M documents)
-    ranked_cols = ["cluster_id", "id", "_h", "_s", *(["quality"] if within == "quality" else [])]
-    candidates = (members.join(F.broadcast(alloc.select("cluster_id", "t_k")), "cluster_id").withColumn("_h", tie)
-                  .where(F.col("_h") <= F.col("t_k")).withColumn("_s", F.lit(False)).select(*ranked_cols))
+    # it (a broadcast of K rows): a third fewer bytes shuffled (99.9 -> 65.1 MB at 4M documents).
+    # Each DataFrame call is analysed on the driver as it is made (10-30 ms here), so the steps are
+    # folded into as few calls as the plan allows
+    quality = ["quality"] if within == "quality" else []
+    candidates = (members.join(F.broadcast(alloc.select("cluster_id", "t_k")), "cluster_id")
+                  .where(tie <= F.col("t_k"))
+                  .select("cluster_id", "id", tie.alias("_h"), F.lit(False).alias("_s"), *quality))
     # one sentinel per cut cluster, after its whole prefix (real hashes there are <= t_k < LONG_MAX):
     # its rank is the prefix's size, so even an empty prefix is caught
     sentinels = alloc.where(F.col("t_k") < LONG_MAX).select(
@@ -120,13 +124,13 @@ def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> Dat
     # one expression, so no rewrite can evaluate the row filter without the check
     keep = F.when(F.col("_s"), F.when(F.col("r") < F.col("extra"), F.raise_error(F.lit(
         "sample: a cluster's hash prefix holds fewer documents than its draws (odds < 1e-15); "
-        "rerun with another sample.seed"))).otherwise(F.lit(False))).otherwise(F.col("_n") > 0)
-    return (
-        ranked.withColumn("_n", n_draws).where(keep)
-        .withColumn("draw", F.explode(F.sequence(F.lit(0), F.col("_n") - 1)))
-        .withColumn("j", F.col("draw").cast("bigint") * F.col("n_k") + F.col("r"))
-        .select("id", "cluster_id", "draw", "j", "n_k", "a_k", "off_k")
-    )
+        "rerun with another sample.seed"))).otherwise(F.lit(False))).otherwise(n_draws > 0)
+    # draw d of the document ranked r is item j = d·n_k + r: posexplode of that arithmetic sequence
+    # yields (d, j) in one generator
+    last = F.col("r") + (n_draws.cast("bigint") - 1) * F.col("n_k")
+    return ranked.where(keep).select(
+        "id", "cluster_id", F.posexplode(F.sequence(F.col("r"), last, F.col("n_k"))).alias("draw", "j"),
+        "n_k", "a_k", "off_k")
 
 
 def items_before_round(a: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -174,21 +178,29 @@ def permutation_keys(size: int, seed: int) -> list[int]:
             for i in range(PERMUTATION_ROUNDS)]
 
 
-def permute(df: DataFrame, col: str, size: int, seed: int, out: str) -> DataFrame:
-    """``out`` = a seeded pseudo-random permutation of ``col`` over ``0..size-1`` (swap-or-not, Hoang,
-    Morris and Rogaway 2012): each round pairs x with ``k - x mod size`` and swaps the pair on a hash
-    of the pair, so every round, and the whole, is a bijection for any size. One column per round:
-    Spark does not inline a non-trivial column it would have to repeat, so the plan stays linear.
-    Each round is one SQL expression: built from Column calls, the 16 rounds took some 1,900 Py4J
-    round trips, over a second of driver time per plan."""
+def permute(df: DataFrame, start: str, size: int, seed: int, out: str) -> DataFrame:
+    """``out`` = a seeded pseudo-random permutation of the SQL expression ``start`` over ``0..size-1``
+    (swap-or-not, Hoang, Morris and Rogaway 2012): each round pairs x with ``k - x mod size`` and
+    swaps the pair on a hash of the pair, so every round, and the whole, is a bijection for any size.
+
+    A round uses its input four times, so rounds nested in one expression grow fourfold each; a
+    column every :data:`ROUNDS_PER_COLUMN` rounds keeps the plan linear (Spark does not inline a
+    non-trivial column it would have to repeat), and the repeats within one column are computed once
+    (subexpression elimination). Every ``withColumn`` is analysed on the driver as it is made: two
+    rounds per column halve that (16 -> 8 calls). Each column is one SQL expression: built from
+    Column calls, the 16 rounds took some 1,900 Py4J round trips, over a second of driver time."""
     from pyspark.sql import functions as F
 
-    df = df.withColumn(out, F.col(col).cast("bigint"))
-    x, n = f"`{out}`", f"CAST({size} AS BIGINT)"
-    for i, k in enumerate(permutation_keys(size, seed)):
-        partner = f"pmod(CAST({k} AS BIGINT) - {x}, {n})"
+    n = f"CAST({size} AS BIGINT)"
+    x = f"CAST(({start}) AS BIGINT)"
+    keys = permutation_keys(size, seed)
+    for i, k in enumerate(keys):
+        partner = f"pmod(CAST({k} AS BIGINT) - ({x}), {n})"
         swap = f"(xxhash64({_int_literal(seed)}, {_int_literal(i)}, greatest({x}, {partner})) & 1) = 1"
-        df = df.withColumn(out, F.expr(f"CASE WHEN {swap} THEN {partner} ELSE {x} END"))
+        x = f"CASE WHEN {swap} THEN {partner} ELSE {x} END"
+        if (i + 1) % ROUNDS_PER_COLUMN == 0 or i + 1 == len(keys):
+            df = df.withColumn(out, F.expr(x))
+            x = f"`{out}`"
     return df
 
 
@@ -198,7 +210,8 @@ def _int_literal(v: int) -> str:
 
 
 def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min: int, partitions: int) -> DataFrame:
-    """Add ``position`` (0..B-1, a permutation) and ``phase`` for a training order (see DESIGN.md)."""
+    """The plan's columns (id, cluster_id, draw, position, phase) for a training order (see DESIGN.md):
+    ``position`` is a permutation of 0..B-1."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -207,8 +220,8 @@ def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min
     total = counts.total
     if order == "random":
         # index in cluster order (cluster, then j), permuted: no sort, no shuffle
-        return permute(items.withColumn("_i", F.col("off_k") + F.col("j")), "_i", max(total, 1), seed, "position") \
-            .withColumn("phase", F.lit("random"))
+        return _plan_columns(permute(items, "off_k + j", max(total, 1), seed, "position"), F.col("position"),
+                             F.lit("random"))
     groups = max(1, partitions) * GROUPS_PER_PARTITION
     cluster_rank = F.xxhash64(F.lit(seed + 1), F.col("cluster_id"))
     unique = [F.col("id"), F.col("draw")]
@@ -229,16 +242,20 @@ def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min
     offset = F.element_at(F.array(*[F.lit(o).cast("bigint") for o in offsets]), F.col("_g") + 1)
     ranked = items.withColumn("_g", group.cast("int")).withColumn(
         "position", offset + F.row_number().over(Window.partitionBy("_g").orderBy(*keys)) - 1)
-    if order == "s2g":  # g2s read backwards
-        ranked = ranked.withColumn("position", F.lit(total - 1).cast("bigint") - F.col("position"))
-    return ranked.withColumn("phase", phase)
+    # s2g is g2s read backwards
+    position = F.lit(total - 1).cast("bigint") - F.col("position") if order == "s2g" else F.col("position")
+    return _plan_columns(ranked, position, phase)
+
+
+def _plan_columns(df: DataFrame, position: Column, phase: Column) -> DataFrame:
+    """The plan's columns, in the contract's types, in one call."""
+    from pyspark.sql import functions as F
+
+    return df.select("id", "cluster_id", F.col("draw").cast("int"), position.cast("bigint").alias("position"),
+                     phase.alias("phase"))
 
 
 def build_plan(members: DataFrame, counts: Counts, *, seed: int, within: str, order: str, a_min: int,
                partitions: int) -> DataFrame:
     """The whole per-document plan: (id, cluster_id, draw, position, phase) for the K numbers ``counts``."""
-    from pyspark.sql import functions as F
-
-    items = doc_draws(members, counts, seed, within)
-    planned = with_position(items, counts, order, seed, a_min, partitions)
-    return planned.select("id", "cluster_id", F.col("draw").cast("int"), F.col("position").cast("bigint"), "phase")
+    return with_position(doc_draws(members, counts, seed, within), counts, order, seed, a_min, partitions)
