@@ -5,7 +5,8 @@ distribution, then times, in one process on the same cores:
   (a) clustermix sample (allocation + per-document plan + order) and blend (join + ordered write),
   (b) docs.sample(fraction) + Delta write of the same number of rows,
 and prints (a)/(b) (goal <= 2) and the time ratio between the largest and smallest N (goal: linear,
-<= 4.4 for 4x the rows).
+<= 4.4 for 4x the rows). Each round also prints how long the JVM's JIT compilers ran during each
+side: a side still compiling much is not yet warm.
 
     .venv/bin/python bench/sample.py --sizes 1000000 4000000
 """
@@ -16,6 +17,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,7 +83,14 @@ def check_position_runs(uri: str, total: int) -> None:
     print(f"  blended: {len(runs)} files, each one contiguous run of positions", flush=True)
 
 
-def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -> dict[str, float]:
+def jit_seconds(spark) -> float:
+    """Seconds the JVM's JIT compilers have spent so far, summed over their threads. On two cores
+    they compete with the tasks: a side whose rounds still compile much is not yet warm."""
+    beans = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+    return beans.getCompilationMXBean().getTotalCompilationTime() / 1000
+
+
+def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -> dict[str, Any]:
     from clustermix.blend import run_blend
     from clustermix.sample import run_sample
 
@@ -97,27 +106,35 @@ def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -
     docs, asg, stats = (lk.read(spark, lake, x, lk.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
     writer = lk.TableWriter(lake, {"bench": True})
     best: dict[str, float] = {}
+    per_round: list[dict[str, float]] = []
     # rounds alternate the two sides and keep each side's fastest time: the first rounds also warm the
     # JVM (at 1M the ClusterClip side still fell from round 3 to 4: 20.6 -> 15.7 s), and on a shared
     # host one slow round says more about the neighbours than about the code
     for rnd in range(rounds):
         t: dict[str, float] = {}
+        jit = {"start": jit_seconds(spark)}
         print(f" round {rnd + 1}", flush=True)
         with timed("df.sample + write (baseline)", t):
             lk.write(docs.sample(fraction=budget / n, seed=7), lake, "baseline", {"bench": True})
+        jit["baseline"] = jit_seconds(spark)
         with timed("clusterclip sample+blend+write", t):
             # as the pipeline runs each stage: its outputs' state loads in the background from its start
             writer.prefetch(spark, ["sample_plan"])
             run_sample(spark, stats, asg, docs, cfg.sample, 0.007, parts, writer)
             writer.prefetch(spark, ["blended"])
             run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, writer)
+        jit["clusterclip"] = jit_seconds(spark)
+        jit_b, jit_c = jit["baseline"] - jit["start"], jit["clusterclip"] - jit["baseline"]
+        print(f"  JIT compilation meanwhile (compiler threads, summed): baseline {jit_b:.1f} s, "
+              f"clusterclip {jit_c:.1f} s", flush=True)
+        per_round.append({**t, "jit baseline": jit_b, "jit clusterclip": jit_c})
         best = {k: min(v, best.get(k, v)) for k, v in t.items()}
     t = best
     check_position_runs(lake.table("blended"), budget)  # also: exactly `budget` rows
     t["ratio"] = t["clusterclip sample+blend+write"] / t["df.sample + write (baseline)"]
     print(f"  ratio clusterclip/baseline: {t['ratio']:.2f} (goal <= 2)", flush=True)
     lake.remove(lake.root)
-    return t
+    return {**t, "rounds": per_round}
 
 
 def main() -> None:
