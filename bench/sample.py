@@ -112,19 +112,18 @@ def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -
     # host one slow round says more about the neighbours than about the code
     for rnd in range(rounds):
         t: dict[str, float] = {}
-        jit = {"start": jit_seconds(spark)}
+        jit_start = jit_seconds(spark)
         print(f" round {rnd + 1}", flush=True)
         with timed("df.sample + write (baseline)", t):
             lk.write(docs.sample(fraction=budget / n, seed=7), lake, "baseline", {"bench": True})
-        jit["baseline"] = jit_seconds(spark)
+        jit_mid = jit_seconds(spark)
         with timed("clusterclip sample+blend+write", t):
             # as the pipeline runs each stage: its outputs' state loads in the background from its start
             writer.prefetch(spark, ["sample_plan"])
             run_sample(spark, stats, asg, docs, cfg.sample, 0.007, parts, writer)
             writer.prefetch(spark, ["blended"])
             run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, writer)
-        jit["clusterclip"] = jit_seconds(spark)
-        jit_b, jit_c = jit["baseline"] - jit["start"], jit["clusterclip"] - jit["baseline"]
+        jit_b, jit_c = jit_mid - jit_start, jit_seconds(spark) - jit_mid
         print(f"  JIT compilation meanwhile (compiler threads, summed): baseline {jit_b:.1f} s, "
               f"clusterclip {jit_c:.1f} s", flush=True)
         per_round.append({**t, "jit baseline": jit_b, "jit clusterclip": jit_c})

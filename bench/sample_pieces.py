@@ -43,12 +43,19 @@ def pieces(spark, lake: lk.Lake, n: int, parts: int, work: Path) -> dict:
                         "spark": {"shuffle_partitions": parts}})
     docs, asg, stats = (lk.read(spark, lake, x, lk.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
     writer = lk.TableWriter(lake, {"bench": True})
+    members = sm.members_frame(asg, docs, "uniform")
+
+    def whole_plan():  # as run_sample builds it, from the K rows of cluster_stats on
+        s = sm.ClusterSizes.from_stats(stats)
+        d, _ = sm.allocate_docs(s, sm.uniform_targets(s), cfg.sample)
+        return sm.make_plan(spark, members, s, d, cfg.sample, parts)
+
     # the plan the blend joins: written once, read pinned as run_blend reads it
+    writer("sample_plan", whole_plan())
+    planned = writer.read("sample_plan")
+    # the K numbers the draws piece starts from
     sizes = sm.ClusterSizes.from_stats(stats)
     draws, _ = sm.allocate_docs(sizes, sm.uniform_targets(sizes), cfg.sample)
-    members = sm.members_frame(asg, docs, "uniform")
-    writer("sample_plan", sm.make_plan(spark, members, sizes, draws, cfg.sample, parts))
-    planned = writer.read("sample_plan")
     counts = plan.Counts.of(sizes.cluster_id, sizes.n_docs, draws)
 
     def noop(df) -> None:
@@ -56,11 +63,6 @@ def pieces(spark, lake: lk.Lake, n: int, parts: int, work: Path) -> dict:
 
     def parquet(df, name: str) -> None:
         df.write.mode("overwrite").parquet(str(work / name))
-
-    def whole_plan():  # as run_sample builds it, from the K rows of cluster_stats on
-        s = sm.ClusterSizes.from_stats(stats)
-        d, _ = sm.allocate_docs(s, sm.uniform_targets(s), cfg.sample)
-        return sm.make_plan(spark, members, s, d, cfg.sample, parts)
 
     def plan_delta() -> None:
         writer.prefetch(spark, ["sample_plan"])
