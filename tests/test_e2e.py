@@ -121,6 +121,7 @@ def test_same_inputs_config_and_seed_give_an_identical_blend(pipeline, spark, tm
         shutil.rmtree(root / t)
     again = run_stages(make_config(root, cfg.input.path), ("sample", "blend"), spark=spark)
     assert again.manifest["stages"]["blend"]["status"] == "ran"
+    assert not again._ahead  # the blend's state, loaded during the sample stage, was reaped by its write
 
     def content(lake: lk.Lake) -> list[tuple]:
         cols = ("id", "cluster_id", "draw", "position", "phase", "text")

@@ -83,3 +83,26 @@ def test_prefetch_in_the_background_leaves_writes_as_they_were(spark, tmp_path):
     assert not writer._loading
 
     lk.load_state(spark, str(tmp_path / "absent"))  # no table: a no-op, not an error
+
+
+def test_the_next_stage_finds_the_state_the_stage_before_loaded_for_it(spark, tmp_path):
+    lake = lk.Lake(str(tmp_path))
+    rows = spark.range(100).selectExpr("id", "cast(id as string) as s")
+    for _ in range(2):  # the newest version is our own commit: its state is not loaded
+        lk.write(rows, lake, "next", {})
+    plain = jobs_run_by(spark, "plain", lambda: lk.write(rows, lake, "next", {}))
+
+    first = lk.TableWriter(lake, {"stage": "first"})
+    first.prefetch(spark, ["t"])
+    ahead = first.prefetch_next(spark, ["next", "absent"])  # "absent" has no table yet: nothing to load
+    assert set(ahead) == {"next", "absent"}
+    assert first("t", rows) == 0
+    assert set(first._loading) == set()  # the next stage's loads are not this writer's to reap
+    second = lk.TableWriter(lake, {"stage": "second"}, loading=ahead)
+    ahead["next"].join()  # as when the first stage's own work outlasts the load
+    loaded = jobs_run_by(spark, "loaded", lambda: second("next", rows.where("id < 10")))
+    assert loaded < plain, (loaded, plain)
+    assert second("absent", rows) == 0
+    assert not second._loading
+    assert lk.read(spark, lake, "next").count() == 10
+    assert lk.last_commit_meta(lake.table("next")) == {"stage": "second"}

@@ -24,6 +24,8 @@ from clustermix.errors import DataError
 from clustermix.manifest import write_json
 
 if TYPE_CHECKING:
+    from threading import Thread
+
     from pyspark.sql import SparkSession
 
     from clustermix.ingest import InputSpec
@@ -72,6 +74,8 @@ class Run:
             "run_id": self.run_id, "clustermix_version": __version__, "started_at": _now(),
             "lake_root": self.lake.root, "config": cfg.to_dict(), "stages": {}, "outcome": "running",
         }
+        # background loads of the state of tables a later stage writes, started by the stage before it
+        self._ahead: dict[str, Thread] = {}
 
     @property
     def spark(self) -> SparkSession:
@@ -85,6 +89,11 @@ class Run:
         from clustermix.runtime import ray_init
 
         ray_init(self.cfg)
+
+    def settle(self) -> None:
+        """Wait for the background loads that no stage's write reaped (a stage skipped or failed)."""
+        while self._ahead:
+            self._ahead.popitem()[1].join()
 
     @property
     def manifest_uri(self) -> str:
@@ -104,8 +113,11 @@ class Run:
         return out
 
     def run_stage(self, stage: str, fn: Callable[[Run, lk.TableWriter, dict[str, Any]], dict[str, Any]],
-                  extra_inputs: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Run ``stage`` unless its outputs are current; record what happened in the manifest."""
+                  extra_inputs: dict[str, Any] | None = None, then: str | None = None) -> dict[str, Any]:
+        """Run ``stage`` unless its outputs are current; record what happened in the manifest.
+
+        ``then``: the stage expected to run next, whose outputs' state loads in the background while
+        this one runs (:meth:`lake.TableWriter.prefetch_next`)."""
         inputs: dict[str, Any] = dict(self.input_versions(stage))
         inputs.update(extra_inputs or {})
         fp = lk.fingerprint(stage, config_hash(self.cfg, stage), inputs)
@@ -121,8 +133,13 @@ class Run:
             return rec
         meta = {"run_id": self.run_id, "stage": stage, "fingerprint": fp, "inputs": inputs,
                 "config_hash": config_hash(self.cfg, stage), "clustermix_version": __version__}
-        writer = lk.TableWriter(self.lake, meta)
+        ahead = {t: self._ahead.pop(t) for t in OUTPUTS[stage] if t in self._ahead}
+        writer = lk.TableWriter(self.lake, meta, loading=ahead)
         writer.prefetch(self.spark, OUTPUTS[stage])  # every stage commits its outputs through Spark
+        if then is not None:
+            later = [t for t in OUTPUTS[then] if t not in OUTPUTS[stage] and t not in self._ahead]
+            if later:
+                self._ahead.update(writer.prefetch_next(self.spark, later))
         self.manifest["stages"][stage] = {"status": "running", "started_at": _now()}
         self.save()
         log.info("%s: running", stage)
@@ -286,8 +303,9 @@ def _mixture_input(cfg: Config, lake: lk.Lake) -> dict[str, Any]:
         return {"mixture_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
 
 
-def run_one(run: Run, stage: str, stages: tuple[str, ...] = ALL_STAGES) -> dict[str, Any]:
-    """Run (or skip, when current) one core stage of ``run`` with the inputs it depends on."""
+def run_one(run: Run, stage: str, stages: tuple[str, ...] = ALL_STAGES, then: str | None = None) -> dict[str, Any]:
+    """Run (or skip, when current) one core stage of ``run`` with the inputs it depends on. ``then``:
+    the stage to run next (default: the next of ``stages`` in pipeline order)."""
     cfg = run.cfg
     extra: dict[str, Any] = {}
     if stage == "ingest":
@@ -301,7 +319,9 @@ def run_one(run: Run, stage: str, stages: tuple[str, ...] = ALL_STAGES) -> dict[
         from clustermix.search.stage import target_fingerprint
 
         extra = target_fingerprint(cfg.search)
-    rec = run.run_stage(stage, STAGE_FNS[stage], extra)
+    if then is None:
+        then = next((s for s in ALL_STAGES[ALL_STAGES.index(stage) + 1:] if s in stages), None)
+    rec = run.run_stage(stage, STAGE_FNS[stage], extra, then)
     if stage == "ingest" and "cluster" in stages:
         n_docs = lk.num_records(run.lake.table("docs"))
         if cfg.cluster.k > n_docs:
@@ -326,6 +346,7 @@ def session(cfg: Config, run_id: str | None = None, spark: SparkSession | None =
         run.manifest["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise
     finally:
+        run.settle()
         run.manifest["finished_at"] = _now()
         run.manifest["tables"] = {t: lk.version(run.lake.table(t)) for outs in OUTPUTS.values() for t in outs}
         try:

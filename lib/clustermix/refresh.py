@@ -60,12 +60,12 @@ def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = No
                 inc = InputSpec(spec.path, spec.format, {"files": new})
                 run.input_spec = InputSpec(spec.path, spec.format, inc.listing, files=tuple(inc.spark_files()))
                 run.run_stage("ingest", _ingest_increment, {"input": {"files": new}, "path": spec.path,
-                                                            "mode": "increment"})
+                                                            "mode": "increment"}, then="embed")
                 runs.record_taken(run.lake, new, run.run_id)
             else:
                 run.manifest["stages"]["ingest"] = {"status": "skipped", "reason": "no new input files"}
-            run_one(run, "embed", stages)
-            run.run_stage("assign", _assign, {"recluster": recluster})
+            run_one(run, "embed", stages, then="assign")
+            run.run_stage("assign", _assign, {"recluster": recluster}, then="stats")
             for stage in stages:
                 if stage not in ("ingest", "embed", "cluster"):
                     run_one(run, stage, stages)
