@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fault-injection points (clustermix.faults) are armed through files here; set before Ray starts,
+# so every Ray worker and every subprocess of the suite inherits it
+os.environ.setdefault("CLUSTERMIX_FAULT_DIR", tempfile.mkdtemp(prefix="clustermix-faults-"))
 
 from clustermix.config import build_config
 

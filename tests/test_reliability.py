@@ -19,6 +19,7 @@ import psutil
 import pytest
 import yaml
 
+from clustermix import faults
 from clustermix import lake as lk
 from clustermix.errors import LakeBusyError
 from clustermix.pipeline import STAGES, run_stages
@@ -121,28 +122,27 @@ def test_driver_killed_mid_stage_then_rerun_finishes_with_identical_tables(tmp_p
     cfg_path = tmp_path / "conf.yaml"
     cfg_path.write_text(yaml.safe_dump(conf))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "lib")}
+    root = os.environ[faults.ENV]
+    faults.arm(root, "stage.stats")  # the driver stops once stats is marked running, until killed
     proc = subprocess.Popen([sys.executable, "-m", "clustermix.cli", "run", "--config", str(cfg_path), "-q"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ps = psutil.Process(proc.pid)
-    killed_during = None
-    deadline = time.time() + 900
+    killed_during, pid = None, None
     try:
-        while time.time() < deadline and proc.poll() is None:
-            for m in (lake_root / "runs").glob("*/manifest.json") if (lake_root / "runs").exists() else []:
-                try:
-                    stages = json.loads(m.read_text())["stages"]
-                except (ValueError, OSError):
-                    continue
-                if stages.get("stats", {}).get("status") == "running":
-                    killed_during = "stats"
-            if killed_during:
-                _kill_tree(ps)
-                break
-            time.sleep(0.2)
+        deadline = time.monotonic() + 900  # a safety net against a hung run, not a race
+        while proc.poll() is None and time.monotonic() < deadline and (
+                pid := faults.held_pid(root, "stage.stats")) is None:
+            time.sleep(0.1)
+        if proc.poll() is None and pid == proc.pid:
+            manifest = json.loads(next((lake_root / "runs").glob("*/manifest.json")).read_text())
+            if manifest["stages"].get("stats", {}).get("status") == "running":
+                killed_during = "stats"
+            _kill_tree(ps)
     finally:
         if proc.poll() is None:
             _kill_tree(ps)
+        faults.disarm(root, "stage.stats")
     assert killed_during == "stats", "the driver was not caught mid-run"
     # the interrupted stage's table was never committed; the finished ones were
     assert lk.version(str(lake_root / "cluster_stats")) is None
@@ -161,32 +161,33 @@ def test_driver_killed_mid_stage_then_rerun_finishes_with_identical_tables(tmp_p
     assert content(str(lake_root)) == content(reference.lake.root)
 
 
-def _kill_worker_when_busy(marker: str, cpu_seconds: float, out: dict) -> threading.Thread:
-    """Kill -9 the first Ray worker whose title contains ``marker`` once it used ``cpu_seconds``.
-    Workers that already exist (say, actors of an earlier run still shutting down) are left alone."""
-    def title(p: psutil.Process) -> str:
-        try:
-            return " ".join(p.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return ""
+def _cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
 
-    before = {p.pid for p in psutil.process_iter() if marker in title(p)}
+
+def _kill_at(point: str, index: int, marker: str, out: dict) -> threading.Thread:
+    """Arm fault point ``point`` at ``index``; when a process holds there, kill -9 it (it must be a
+    Ray worker whose title contains ``marker``), then disarm so the retry passes. The kill lands at
+    that step on any machine, however fast: the process waits there until it is killed."""
+    root = os.environ[faults.ENV]
+    faults.arm(root, point, index)
 
     def watch() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and "pid" not in out:
-            for p in psutil.process_iter(["cmdline"]):
-                try:
-                    if p.pid in before:
-                        continue
-                    name = " ".join(p.info["cmdline"] or [])
-                    if marker in name and sum(p.cpu_times()[:2]) >= cpu_seconds:
-                        p.send_signal(signal.SIGKILL)
-                        out["pid"] = p.pid
-                        return
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and (pid := faults.held_pid(root, point)) is None:
+                time.sleep(0.05)
+            if pid is None:
+                return
+            out["title"] = _cmdline(pid)
+            if marker in out["title"]:
+                os.kill(pid, signal.SIGKILL)
+                out["pid"] = pid
+        finally:
+            faults.disarm(root, point)
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
@@ -200,10 +201,14 @@ def test_embed_actor_killed_mid_run_loses_and_duplicates_nothing(tmp_path, spark
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = make_config(tmp_path / "lake", str(src), embed={"batch_size": 4})
     out: dict = {}
-    watcher = _kill_worker_when_busy("Embedder", 6.0, out)
-    run = run_stages(cfg, ("ingest", "embed"), spark=spark)
-    watcher.join(timeout=1)
-    assert "pid" in out, "no embedding actor was killed"
+    watcher = _kill_at("embed.batch", 2, "Embedder", out)  # mid-embed: one batch done, two to go
+    try:
+        run = run_stages(cfg, ("ingest", "embed"), spark=spark)
+    finally:
+        faults.disarm(os.environ[faults.ENV], "embed.batch")
+    watcher.join(timeout=5)
+    assert "pid" in out, f"no embedding actor was killed (held by: {out.get('title')!r})"
+    assert run.manifest["stages"]["embed"]["counts"]["embedded"] == len(records)
     rows = lk.read(spark, run.lake, "embeddings").collect()
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in records)
     from sentence_transformers import SentenceTransformer
@@ -227,9 +232,12 @@ def test_kmeans_actor_killed_mid_fit_gives_the_same_result(ray_local):
     cfg = ClusterConfig(k=10, niter=60, tol=0.0, seed=3, num_shards=2, cpus_per_shard=0.25)
     clean = distributed_kmeans(_dataset(x), cfg)
     out: dict = {}
-    watcher = _kill_worker_when_busy("ShardActor", 1.5, out)
-    hit = distributed_kmeans(_dataset(x), cfg)
-    watcher.join(timeout=1)
-    assert "pid" in out, "no shard actor was killed"
+    watcher = _kill_at("kmeans.step", 5, "ShardActor", out)  # mid-fit: at the fifth of 60 iterations
+    try:
+        hit = distributed_kmeans(_dataset(x), cfg)
+    finally:
+        faults.disarm(os.environ[faults.ENV], "kmeans.step")
+    watcher.join(timeout=5)
+    assert "pid" in out, f"no shard actor was killed (held by: {out.get('title')!r})"
     assert hit.attempts == 2
     assert np.array_equal(clean.fit.centroids, hit.fit.centroids)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clustermix import contracts, kmeans
+from clustermix import contracts, faults, kmeans
 from clustermix import lake as lk
 from clustermix.config import ClusterConfig
 from clustermix.errors import DataError
@@ -38,6 +38,7 @@ class ShardActor:
         self.ids: np.ndarray = np.empty(0, dtype=object)
         self.x = np.empty((0, 0), dtype=np.float32)
         self.fit_mask: np.ndarray = np.empty(0, dtype=bool)
+        self.steps = 0
 
     def load(self, it: Any) -> int:
         """Consume this shard's stream of (id, embedding) batches."""
@@ -76,6 +77,8 @@ class ShardActor:
         return h[take], self.x[pool[take]]
 
     def step(self, centroids: np.ndarray) -> kmeans.Partial:
+        self.steps += 1
+        faults.hold("kmeans.step", self.steps)
         return kmeans.partial_stats(self.x[self.fit_mask], centroids, self.use_gpu)
 
     def assign(self, centroids: np.ndarray, out_dir: str, shard: int) -> int:

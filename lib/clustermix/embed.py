@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clustermix import contracts
+from clustermix import contracts, faults
 from clustermix import lake as lk
 from clustermix.config import EmbedConfig
 from clustermix.models import model_id, resolve_model
@@ -85,6 +85,7 @@ class Embedder:
             if length is not None:
                 self.extra_features["prompt_length"] = length
         self._tokeniser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise")
+        self.calls = 0
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per text, in the order given."""
@@ -154,6 +155,8 @@ class Embedder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
+        self.calls += 1
+        faults.hold("embed.batch", self.calls)
         texts = batch.column("text").to_pylist()
         emb = self.encode(texts)
         flat = pa.array(emb.reshape(-1), type=pa.float32())

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from clustermix import __version__
+from clustermix import __version__, faults
 from clustermix import lake as lk
 from clustermix.config import Config
 from clustermix.errors import DataError
@@ -143,6 +143,7 @@ class Run:
         self.manifest["stages"][stage] = {"status": "running", "started_at": _now()}
         self.save()
         log.info("%s: running", stage)
+        faults.hold(f"stage.{stage}")
         t0 = time.time()
         try:
             counts = fn(self, writer, inputs)

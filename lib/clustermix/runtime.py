@@ -164,9 +164,12 @@ def ray_init(cfg: Config) -> None:
         "configure_logging": True,
         "logging_level": logging.WARNING,
     }
-    from clustermix import storage
+    from clustermix import faults, storage
 
-    if env := storage.ray_env():  # workers on other machines reach the object store as configured
+    env = storage.ray_env()  # workers on other machines reach the object store as configured
+    if os.environ.get(faults.ENV):
+        env[faults.ENV] = os.environ[faults.ENV]
+    if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if cfg.ray.address:
         kwargs["address"] = cfg.ray.address
