@@ -61,7 +61,7 @@ def dataset(x: np.ndarray, ids: list[str] | None = None):
 def ours(x: np.ndarray, k: int, niter: int, seed: int, shards: int, tmp: Path) -> tuple[float, float, np.ndarray]:
     import pyarrow.parquet as pq
 
-    from clustermix.cluster import distributed_kmeans
+    from clustermix.kmeans_dist import distributed_kmeans
 
     cfg = ClusterConfig(k=k, niter=niter, seed=seed, tol=0.0, num_shards=shards, cpus_per_shard=0.5)
     out = tmp / f"asg-{shards}-{len(x)}-{time.time_ns()}"

@@ -22,6 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from clustermix import deltalog, tableio
 from clustermix import lake as lk
 from clustermix.config import build_config
 from common import save, timed
@@ -59,13 +60,13 @@ def make_tables(spark, lake: lk.Lake, n: int, k: int, text_chars: int) -> None:
         "id", "text",
         F.when(u < 0.5, "web").when(u < 0.8, "code").otherwise("books").alias("domain"),
         F.rand(seed=2).alias("quality"), (F.rand(seed=3) * 1000 + 50).cast("bigint").alias("n_tokens"))
-    lk.write(docs, lake, "docs", {"bench": True})
+    tableio.write(docs, lake, "docs", {"bench": True})
     asg = ids.select("id", F.floor(F.pow(F.rand(seed=4), 3) * k).cast("int").alias("cluster_id"),
                      F.rand(seed=5).cast("float").alias("score"))
-    lk.write(asg, lake, "assignments", {"bench": True})
+    tableio.write(asg, lake, "assignments", {"bench": True})
     cents = spark.createDataFrame([(i,) for i in range(k)], "cluster_id int")
-    stats = cluster_stats(lk.read(spark, lake, "docs"), lk.read(spark, lake, "assignments"), cents, 0.007, 3)
-    lk.write(stats, lake, "cluster_stats", {"bench": True})
+    stats = cluster_stats(tableio.read(spark, lake, "docs"), tableio.read(spark, lake, "assignments"), cents, 0.007, 3)
+    tableio.write(stats, lake, "cluster_stats", {"bench": True})
 
 
 def check_position_runs(uri: str, total: int) -> None:
@@ -103,7 +104,7 @@ def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -
                         "spark": {"shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions")}})
     parts = cfg.spark.shuffle_partitions
     # pinned versions, as the pipeline's stages read their inputs (lake.read)
-    docs, asg, stats = (lk.read(spark, lake, x, lk.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
+    docs, asg, stats = (tableio.read(spark, lake, x, deltalog.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
     best: dict[str, float] = {}
     per_round: list[dict[str, float]] = []
     # rounds alternate the two sides and keep each side's fastest time: the first rounds also warm the
@@ -114,18 +115,19 @@ def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -
         jit_start = jit_seconds(spark)
         print(f" round {rnd + 1}", flush=True)
         with timed("df.sample + write (baseline)", t):
-            lk.write(docs.sample(fraction=budget / n, seed=7), lake, "baseline", {"bench": True})
+            tableio.write(docs.sample(fraction=budget / n, seed=7), lake, "baseline", {"bench": True})
         jit_mid = jit_seconds(spark)
         with timed("clusterclip sample+blend+write", t):
             # as the pipeline runs the two stages: each stage's outputs' state loads in the background
             # from its start, and the next stage's after it (Run.run_stage)
-            writer = lk.TableWriter(lake, {"bench": True})
+            writer = tableio.TableWriter(lake, {"bench": True})
             writer.prefetch(spark, ["sample_plan"])
             ahead = writer.prefetch_next(spark, ["blended"])
             run_sample(spark, stats, asg, docs, cfg.sample, 0.007, parts, writer)
-            blend_writer = lk.TableWriter(lake, {"bench": True}, loading=ahead)
+            blend_writer = tableio.TableWriter(lake, {"bench": True}, loading=ahead)
             blend_writer.prefetch(spark, ["blended"])
-            run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, blend_writer)
+            run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, blend_writer,
+                      plan_rows=deltalog.num_records(lake.table("sample_plan"), writer.versions["sample_plan"]))
             blend_writer.settle()
         jit_b, jit_c = jit_mid - jit_start, jit_seconds(spark) - jit_mid
         print(f"  JIT compilation meanwhile (compiler threads, summed): baseline {jit_b:.1f} s, "

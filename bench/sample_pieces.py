@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from clustermix import deltalog, tableio
 from clustermix import lake as lk
 from clustermix.config import build_config
 from common import save
@@ -34,28 +35,28 @@ from sample import make_tables
 def pieces(spark, lake: lk.Lake, n: int, parts: int, work: Path) -> dict:
     """Label -> a function that runs that piece once, or (untimed preparation, that function)."""
     from clustermix import blend as bl
+    from clustermix import clusterclip as cc
     from clustermix import plan
-    from clustermix import sample as sm
 
     budget = n // 4
     cfg = build_config({"lake": {"root": lake.root}, "input": {"path": "builtin://bbc"},
                         "sample": {"budget": budget, "clip": 4, "order": "random"},
                         "spark": {"shuffle_partitions": parts}})
-    docs, asg, stats = (lk.read(spark, lake, x, lk.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
-    writer = lk.TableWriter(lake, {"bench": True})
-    members = sm.members_frame(asg, docs, "uniform")
+    docs, asg, stats = (tableio.read(spark, lake, x, deltalog.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
+    writer = tableio.TableWriter(lake, {"bench": True})
+    members = plan.members_frame(asg, docs, "uniform")
 
     def whole_plan():  # as run_sample builds it, from the K rows of cluster_stats on
-        s = sm.ClusterSizes.from_stats(stats)
-        d, _ = sm.allocate_docs(s, sm.uniform_targets(s), cfg.sample)
-        return sm.make_plan(spark, members, s, d, cfg.sample, parts)
+        s = cc.ClusterSizes.from_stats(stats)
+        d, _ = cc.allocate_docs(s, cc.uniform_targets(s), cfg.sample)
+        return plan.make_plan(spark, members, s, d, cfg.sample, parts)
 
     # the plan the blend joins: written once, read pinned as run_blend reads it
     writer("sample_plan", whole_plan())
     planned = writer.read("sample_plan")
     # the K numbers the draws piece starts from
-    sizes = sm.ClusterSizes.from_stats(stats)
-    draws, _ = sm.allocate_docs(sizes, sm.uniform_targets(sizes), cfg.sample)
+    sizes = cc.ClusterSizes.from_stats(stats)
+    draws, _ = cc.allocate_docs(sizes, cc.uniform_targets(sizes), cfg.sample)
     counts = plan.Counts.of(sizes.cluster_id, sizes.n_docs, draws)
 
     def noop(df) -> None:

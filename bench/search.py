@@ -43,6 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from clustermix import deltalog, tableio
 from clustermix import lake as lk
 from clustermix.config import Config, load_config
 from clustermix.search.climb import Proxy, predictor_settings, proxy_seed, ray_evaluate
@@ -76,9 +77,9 @@ def stage_inputs(spark: Any, lake: lk.Lake, cfg: Config, inputs: dict[str, int],
     scfg = cfg.search
     clip = scfg.clip or cfg.sample.clip
     pool_tokens = scfg.pool_tokens_per_cluster or scfg.proxy_tokens
-    docs = lk.read(spark, lake, "docs", inputs["docs"])
-    assignments = lk.read(spark, lake, "assignments", inputs["assignments"])
-    cents = lk.read(spark, lake, "centroids", inputs["centroids"]).select("cluster_id", "centroid") \
+    docs = tableio.read(spark, lake, "docs", inputs["docs"])
+    assignments = tableio.read(spark, lake, "assignments", inputs["assignments"])
+    cents = tableio.read(spark, lake, "centroids", inputs["centroids"]).select("cluster_id", "centroid") \
         .orderBy("cluster_id").collect()
     cluster_ids = np.array([r["cluster_id"] for r in cents], dtype=np.int64)
     target_uri = lake.staging("bench_search_target", tag)
@@ -193,14 +194,14 @@ def main() -> None:
         run_stages(cfg, ("ingest", "embed", "cluster"), spark=spark)
     ray_init(cfg)
     lake = lk.Lake(cfg.lake.root)
-    inputs = {t: lk.version(lake.table(t)) for t in ("docs", "assignments", "centroids")}
+    inputs = {t: deltalog.version(lake.table(t)) for t in ("docs", "assignments", "centroids")}
     tag = f"bench-search-{time.strftime('%Y%m%dT%H%M%S')}"
-    writer = lk.TableWriter(lake, {"run_id": tag, "stage": "search", "inputs": inputs, "bench": True})
+    writer = tableio.TableWriter(lake, {"run_id": tag, "stage": "search", "inputs": inputs, "bench": True})
     print(f"search: target domain {args.target!r}, iterations {scfg.iterations}, proxy {scfg.proxy_tokens} tokens",
           flush=True)
     with timed("search (run_search: staging + all proxies)", times):
         counts = run_search(spark, lake, cfg, inputs, tag, writer)  # type: ignore[arg-type]
-    rows = lk.read(spark, lake, "mixtures", writer.versions["mixtures"]).collect()  # one row per proxy
+    rows = tableio.read(spark, lake, "mixtures", writer.versions["mixtures"]).collect()  # one row per proxy
     with timed("evaluation: stage target, members, space", times):
         staged = stage_inputs(spark, lake, cfg, inputs, tag)  # type: ignore[arg-type]
     space, ids = staged.space, staged.cluster_ids

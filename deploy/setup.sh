@@ -35,7 +35,11 @@ fi
 stamp="$VENV/.clustermix-installed-pyc"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing Python packages into $VENV"
-  "$PYTHON" -m uv pip install -q --compile-bytecode -p "$VENV/bin/python" -e ".[dev]"
+  "$PYTHON" -m uv pip install -q --compile-bytecode -p "$VENV/bin/python" -r pyproject.toml --extra dev
+  # the project itself is copied, not hard-linked from uv's cache: its editable .pth and console
+  # script name this checkout, and a cache entry shared by two checkouts would point both at the
+  # one installed last
+  "$PYTHON" -m uv pip install -q --no-deps --link-mode=copy -p "$VENV/bin/python" -e .
   touch "$stamp"
 fi
 PYTHON="$VENV/bin/python" bash deploy/fetch-jars.sh

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from clustermix import deltalog, tableio
 from clustermix import lake as lk
 from clustermix.blend import (
     MIN_ROWS_PER_RANGE,
@@ -119,16 +120,17 @@ def test_blended_is_the_same_whichever_join(spark, tables, tmp_path):
     lake = lk.Lake(str(tmp_path / "lake"))
     budget = 120
     scfg = SampleConfig(budget=budget, order="stratified")
-    writer = lk.TableWriter(lake, {"test": True})
+    writer = tableio.TableWriter(lake, {"test": True})
     writer("sample_plan", _plan(spark, members, budget))
     results = {}
     for bound in (budget, budget - 1):
         bcfg = BlendConfig(broadcast_max_rows=bound, target_rows_per_file=50)
-        info = run_blend(spark, None, members, docs, writer.read("sample_plan"), bcfg, scfg, 2, writer)
+        info = run_blend(spark, None, members, docs, writer.read("sample_plan"), bcfg, scfg, 2, writer,
+                         plan_rows=deltalog.num_records(lake.table("sample_plan")))
         rows = writer.read("blended").collect()
         results[info["join"]] = [tuple(r) for r in sorted(rows, key=lambda r: r["position"])]
         assert [r["position"] for r in sorted(rows, key=lambda r: r["position"])] == list(range(budget))
-        files = lk.file_uris(lake.table("blended"))
+        files = deltalog.file_uris(lake.table("blended"))
         assert len(files) == 3  # ceil(120 / 50) position ranges
         # each file: one contiguous, sorted run of positions, so a trainer streams files in order
         runs = sorted(pq.read_table(f.removeprefix("file://"), columns=["position"])["position"].to_pylist()

@@ -114,7 +114,7 @@ def test_water_level_matches_a_brute_force_bisection():
 
 
 def test_draws_histogram_from_the_allocation():
-    from clustermix.sample import draws_histogram
+    from clustermix.clusterclip import draws_histogram
 
     # cluster 0: 10 docs, 23 draws -> 7 docs twice, 3 docs three times; cluster 1: 4 docs, 2 draws
     hist = draws_histogram(np.array([10, 4, 0]), np.array([23, 2, 0]))

@@ -43,8 +43,10 @@ def test_local_config_loads_with_defaults():
     ],
 )
 def test_bad_values_name_the_key(override, key, fragment):
+    from clustermix.pipeline import check_paths
+
     with pytest.raises(ConfigError) as err:
-        load_config(LOCAL, [override])
+        check_paths(load_config(LOCAL, [override]))  # types and values; then paths, as the CLI does
     assert err.value.key == key
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
@@ -92,7 +94,7 @@ def test_help_is_fast_and_lists_every_stage():
 
 
 def test_blend_fingerprint_ignores_the_join_strategy_but_not_the_mix() -> None:
-    from clustermix.pipeline import config_hash
+    from clustermix.registry import config_hash
 
     def cfg(**blend: object):
         return build_config({"input": {"path": "builtin://bbc"}, "sample": {"budget": 10}, "blend": blend})

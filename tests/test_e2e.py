@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clustermix import deltalog, tableio
 from clustermix import lake as lk
-from clustermix.pipeline import STAGES, run_stages
+from clustermix.pipeline import run_stages
 
 from .conftest import make_config
+
+# the stages of `clustermix run` without a search target
+STAGES = ("ingest", "embed", "cluster", "stats", "sample", "blend")
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +35,9 @@ def test_every_stage_ran_and_the_manifest_adds_up(pipeline):
 def test_contracts_every_doc_has_one_embedding_and_one_cluster(pipeline, spark):
     cfg, run = pipeline
     lake = run.lake
-    docs = lk.read(spark, lake, "docs")
-    emb = lk.read(spark, lake, "embeddings")
-    asg = lk.read(spark, lake, "assignments")
+    docs = tableio.read(spark, lake, "docs")
+    emb = tableio.read(spark, lake, "embeddings")
+    asg = tableio.read(spark, lake, "assignments")
     n = docs.count()
     assert emb.count() == n and emb.select("id").distinct().count() == n
     assert asg.count() == n and asg.join(docs, "id").count() == n
@@ -46,7 +50,7 @@ def test_contracts_every_doc_has_one_embedding_and_one_cluster(pipeline, spark):
 
 def test_sample_respects_budget_clip_and_positions(pipeline, spark):
     cfg, run = pipeline
-    plan = lk.read(spark, run.lake, "sample_plan")
+    plan = tableio.read(spark, run.lake, "sample_plan")
     rows = plan.collect()  # a test-sized table
     assert len(rows) == cfg.sample.budget
     per_doc: dict[str, int] = {}
@@ -67,8 +71,8 @@ def test_blended_reads_back_through_delta_rs_and_spark(pipeline, spark):
     t = DeltaTable(uri).to_pyarrow_table()
     assert t.num_rows == cfg.sample.budget
     assert {"id", "text", "cluster_id", "domain", "draw", "position", "phase"} <= set(t.column_names)
-    assert lk.read(spark, run.lake, "blended").count() == t.num_rows
-    meta = lk.last_commit_meta(uri)
+    assert tableio.read(spark, run.lake, "blended").count() == t.num_rows
+    meta = deltalog.last_commit_meta(uri)
     assert meta is not None and meta["run_id"] == run.run_id and "sample_plan" in meta["inputs"]
 
 
@@ -76,7 +80,7 @@ def test_balancing_flattens_the_cluster_mix(pipeline, spark):
     _, run = pipeline
     sample = run.manifest["stages"]["sample"]["counts"]
     assert sample["shares_after"]["gini"] < sample["shares_before"]["gini"]
-    sizes = {r["cluster_id"]: r["n_docs"] for r in lk.read(spark, run.lake, "cluster_stats").collect()}
+    sizes = {r["cluster_id"]: r["n_docs"] for r in tableio.read(spark, run.lake, "cluster_stats").collect()}
     draws = {int(k): v for k, v in sample["draws_per_cluster"].items()}
     big, small = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
     n, b = sum(sizes.values()), sum(draws.values())
@@ -88,10 +92,10 @@ def test_balancing_flattens_the_cluster_mix(pipeline, spark):
 
 def test_rerun_skips_every_stage_and_changes_no_table(pipeline, spark):
     cfg, run = pipeline
-    before = {t: lk.version(run.lake.table(t)) for t in ("docs", "embeddings", "assignments", "blended")}
+    before = {t: deltalog.version(run.lake.table(t)) for t in ("docs", "embeddings", "assignments", "blended")}
     again = run_stages(cfg, spark=spark)
     assert {s: again.manifest["stages"][s]["status"] for s in STAGES} == dict.fromkeys(STAGES, "skipped")
-    assert {t: lk.version(run.lake.table(t)) for t in before} == before
+    assert {t: deltalog.version(run.lake.table(t)) for t in before} == before
 
 
 def test_changed_sample_config_reruns_only_sample_and_blend(pipeline, spark, tmp_path):
@@ -105,10 +109,10 @@ def test_changed_sample_config_reruns_only_sample_and_blend(pipeline, spark, tmp
     status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
     assert status == {"ingest": "skipped", "embed": "skipped", "cluster": "skipped", "stats": "skipped",
                       "sample": "ran", "blend": "ran"}
-    assert lk.read(spark, again.lake, "blended").count() == 120
+    assert tableio.read(spark, again.lake, "blended").count() == 120
     hist = again.manifest["stages"]["sample"]["counts"]["draws_per_doc_histogram"]
     assert sum(int(d) * n for d, n in hist.items()) == 120
-    assert sum(hist.values()) == lk.num_records(again.lake.table("docs"))
+    assert sum(hist.values()) == deltalog.num_records(again.lake.table("docs"))
 
 
 def test_same_inputs_config_and_seed_give_an_identical_blend(pipeline, spark, tmp_path):
@@ -125,6 +129,6 @@ def test_same_inputs_config_and_seed_give_an_identical_blend(pipeline, spark, tm
 
     def content(lake: lk.Lake) -> list[tuple]:
         cols = ("id", "cluster_id", "draw", "position", "phase", "text")
-        return sorted(tuple(r) for r in lk.read(spark, lake, "blended").select(*cols).collect())
+        return sorted(tuple(r) for r in tableio.read(spark, lake, "blended").select(*cols).collect())
 
     assert content(again.lake) == content(run.lake)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from clustermix import lake as lk
+from clustermix import deltalog, tableio
 from clustermix.pipeline import run_stages
 
 from .conftest import make_config
@@ -41,7 +41,7 @@ def test_embeddings_match_bare_sentence_transformers_and_only_missing_ones_are_e
     assert set(first["phases_s"]) == {"todo", "ray_data", "commit"}
 
     emb = {r["id"]: np.array(r["embedding"], dtype=np.float32)
-           for r in lk.read(spark, run.lake, "embeddings").collect()}
+           for r in tableio.read(spark, run.lake, "embeddings").collect()}
     assert len(emb) == 12
     bare = _bare_model().encode([t["text"] for t in texts[:12]], normalize_embeddings=True)
     for rec, ref in zip(texts[:12], bare, strict=False):
@@ -55,9 +55,9 @@ def test_embeddings_match_bare_sentence_transformers_and_only_missing_ones_are_e
     again = run_stages(cfg, ("ingest", "embed"), spark=spark)
     counts = again.manifest["stages"]["embed"]["counts"]
     assert counts["embedded"] == 5
-    ids = [r["id"] for r in lk.read(spark, run.lake, "embeddings").select("id").collect()]
+    ids = [r["id"] for r in tableio.read(spark, run.lake, "embeddings").select("id").collect()]
     assert sorted(ids) == sorted(t["id"] for t in texts[4:17])
-    assert lk.last_commit_meta(run.lake.table("embeddings"))["run_id"] == again.run_id
+    assert deltalog.last_commit_meta(run.lake.table("embeddings"))["run_id"] == again.run_id
 
 
 def test_long_documents_can_be_chunked_and_mean_pooled(texts):

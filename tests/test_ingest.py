@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clustermix import lake as lk
+from clustermix import deltalog, tableio
 from clustermix.errors import InputError
 from clustermix.pipeline import run_stages
 
@@ -75,16 +75,16 @@ def test_accounting_holds_with_every_reason(dirty):
 
 def test_quarantine_keeps_raw_record_reason_and_file(dirty, spark):
     _, run, _ = dirty
-    q = {r["reason"]: r for r in lk.read(spark, run.lake, "quarantine").collect()}
+    q = {r["reason"]: r for r in tableio.read(spark, run.lake, "quarantine").collect()}
     assert q["duplicate_id"]["raw"].startswith('{"id": "d3"')
     assert q["invalid_utf8"]["source_file"].endswith("dirty.jsonl")
     assert "\ufffd" in q["invalid_utf8"]["raw"]
-    assert any(r["source_file"].endswith("more.jsonl.gz") for r in lk.read(spark, run.lake, "quarantine").collect())
+    assert any(r["source_file"].endswith("more.jsonl.gz") for r in tableio.read(spark, run.lake, "quarantine").collect())
 
 
 def test_bom_crlf_and_gzip_records_are_clean_docs(dirty, spark):
     _, run, _ = dirty
-    docs = {r["id"]: r for r in lk.read(spark, run.lake, "docs").collect()}
+    docs = {r["id"]: r for r in tableio.read(spark, run.lake, "docs").collect()}
     assert docs["d0"]["text"] == "document number 0 about topic 0"  # no BOM, no trailing \r
     assert docs["d0"]["quality"] == 0.5 and docs["d0"]["domain"] == "a"
     assert docs["d104"]["quality"] == 1.0
@@ -94,7 +94,7 @@ def test_bom_crlf_and_gzip_records_are_clean_docs(dirty, spark):
 
 def test_duplicates_point_at_the_kept_document(dirty, spark):
     _, run, _ = dirty
-    dups = {r["id"]: r["duplicate_of"] for r in lk.read(spark, run.lake, "duplicates").collect()}
+    dups = {r["id"]: r["duplicate_of"] for r in tableio.read(spark, run.lake, "duplicates").collect()}
     assert dups == {"x1": "d1", "d2": "d2"}
 
 
@@ -102,7 +102,7 @@ def test_missing_ids_become_content_hashes(tmp_path, spark):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "alpha"}\n{"text": "beta"}\n{"text": "alpha"}\n')
     run = run_stages(make_config(tmp_path / "lake", str(src)), ("ingest",), spark=spark)
-    docs = lk.read(spark, run.lake, "docs").collect()
+    docs = tableio.read(spark, run.lake, "docs").collect()
     assert len(docs) == 2
     assert all(d["id"] == d["text_hash"][:24] for d in docs)
     assert run.manifest["stages"]["ingest"]["counts"]["duplicates"] == 1
@@ -123,7 +123,7 @@ def test_parquet_input_and_missing_text_column(tmp_path, spark):
     with pytest.raises(InputError) as err:
         run_stages(cfg_bad, ("ingest",), spark=spark)
     assert "part-0.parquet" in str(err.value) and "'text'" in str(err.value)
-    assert lk.version(str(tmp_path / "lake2" / "docs")) is None
+    assert deltalog.version(str(tmp_path / "lake2" / "docs")) is None
 
 
 def test_k_above_the_accepted_documents_fails_right_after_ingest(tmp_path, spark):
@@ -134,5 +134,5 @@ def test_k_above_the_accepted_documents_fails_right_after_ingest(tmp_path, spark
     cfg = make_config(tmp_path / "lake", str(src), cluster={"k": 5})
     with pytest.raises(DataError, match=r"cluster.k=5: greater than the 3 accepted documents"):
         run_stages(cfg, spark=spark)
-    assert lk.version(str(tmp_path / "lake" / "docs")) is not None
-    assert lk.version(str(tmp_path / "lake" / "embeddings")) is None  # failed before embedding anything
+    assert deltalog.version(str(tmp_path / "lake" / "docs")) is not None
+    assert deltalog.version(str(tmp_path / "lake" / "embeddings")) is None  # failed before embedding anything

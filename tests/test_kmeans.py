@@ -77,7 +77,7 @@ def _dataset(x: np.ndarray):
 def test_distributed_fit_within_half_a_percent_of_faiss(ray_local, points, tmp_path):
     import pyarrow.parquet as pq
 
-    from clustermix.cluster import distributed_kmeans
+    from clustermix.kmeans_dist import distributed_kmeans
 
     cfg = ClusterConfig(k=12, niter=30, seed=5, num_shards=2, cpus_per_shard=0.25, nredo=2)
     res = distributed_kmeans(_dataset(points), cfg, str(tmp_path / "asg"))
@@ -94,7 +94,7 @@ def test_distributed_fit_within_half_a_percent_of_faiss(ray_local, points, tmp_p
 
 
 def test_fit_on_a_fraction_is_reported(ray_local, points):
-    from clustermix.cluster import distributed_kmeans
+    from clustermix.kmeans_dist import distributed_kmeans
 
     cfg = ClusterConfig(k=12, niter=10, seed=5, num_shards=2, cpus_per_shard=0.25, fit_max_points=1000)
     res = distributed_kmeans(_dataset(points), cfg)
@@ -104,15 +104,15 @@ def test_fit_on_a_fraction_is_reported(ray_local, points):
 
 
 def test_k_greater_than_points_fails_clearly(ray_local):
-    from clustermix.cluster import distributed_kmeans
     from clustermix.errors import DataError
+    from clustermix.kmeans_dist import distributed_kmeans
 
     with pytest.raises(DataError, match=r"cluster\.k=50"):
         distributed_kmeans(_dataset(blobs(20, 8, 2)), ClusterConfig(k=50, num_shards=2, cpus_per_shard=0.25))
 
 
 def test_the_fit_does_not_depend_on_how_points_are_sharded(ray_local, points):
-    from clustermix.cluster import distributed_kmeans
+    from clustermix.kmeans_dist import distributed_kmeans
 
     fits = [distributed_kmeans(_dataset(points[:1500]),
                                ClusterConfig(k=6, niter=8, seed=2, num_shards=s, cpus_per_shard=0.25, fit_fraction=0.7)).fit

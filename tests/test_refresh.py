@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from clustermix import deltalog, runs
 from clustermix import lake as lk
-from clustermix import runs
 from clustermix.config import RefreshConfig
 from clustermix.drift import decide, measure
 
@@ -90,7 +90,7 @@ def _land(folder: Path, night: int, lines: list[str]) -> None:
 
 
 def _versions(root: Path) -> dict[str, int | None]:
-    return {t: lk.version(str(root / t)) for t in DATA_TABLES}
+    return {t: deltalog.version(str(root / t)) for t in DATA_TABLES}
 
 
 def _ids(spark: Any, root: Path, table: str) -> list[str]:
@@ -98,7 +98,7 @@ def _ids(spark: Any, root: Path, table: str) -> list[str]:
 
 
 def test_three_nights(tmp_path: Path, spark: Any, ray_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clustermix import ingest, pipeline
+    from clustermix import embed, ingest
     from clustermix.refresh import run_refresh
 
     incoming = tmp_path / "incoming"
@@ -112,7 +112,7 @@ def test_three_nights(tmp_path: Path, spark: Any, ray_local: Any, monkeypatch: p
     _land(incoming, 1, nights[1])
     r1 = run_refresh(cfg, spark=spark)
     assert r1.manifest["mode"] == "bootstrap" and r1.manifest["outcome"] == "succeeded"
-    assert lk.num_records(str(root / "docs")) == 70
+    assert deltalog.num_records(str(root / "docs")) == 70
     v1 = _versions(root)
     night1_assign = {r["id"]: (r["cluster_id"], r["score"]) for r in
                      spark.read.format("delta").load(str(root / "assignments")).collect()}
@@ -158,13 +158,13 @@ def test_three_nights(tmp_path: Path, spark: Any, ray_local: Any, monkeypatch: p
     with pytest.raises(RuntimeError, match="injected"):
         run_refresh(cfg, spark=spark)
     monkeypatch.setattr(ingest.contracts, "check", real_check)
-    assert lk.num_records(str(root / "docs")) == 145  # night 3's rows are in, the ledger does not have the file
+    assert deltalog.num_records(str(root / "docs")) == 145  # night 3's rows are in, the ledger does not have the file
 
     # crash 2: the redo replaces night 3's rows (no doubling), then dies in embed
     def embed_dies(*_: Any) -> dict[str, Any]:
         raise RuntimeError("injected: killed during embed")
 
-    monkeypatch.setitem(pipeline.STAGE_FNS, "embed", embed_dies)
+    monkeypatch.setattr(embed, "run", embed_dies)
     with pytest.raises(RuntimeError, match="injected"):
         run_refresh(cfg, spark=spark)
     monkeypatch.undo()
@@ -183,7 +183,7 @@ def test_three_nights(tmp_path: Path, spark: Any, ray_local: Any, monkeypatch: p
     docs = _ids(spark, root, "docs")
     assert len(docs) == len(set(docs)) == 145
     assert sorted(_ids(spark, root, "embeddings")) == sorted(docs) == sorted(_ids(spark, root, "assignments"))
-    assert lk.num_records(str(root / "blended")) == 120
+    assert deltalog.num_records(str(root / "blended")) == 120
 
     # the runs table has every run, failures included, with what each took and decided
     recorded = runs.read_runs(runs_lake(root))

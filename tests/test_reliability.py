@@ -19,12 +19,16 @@ import psutil
 import pytest
 import yaml
 
-from clustermix import faults
+from clustermix import deltalog, faults, tableio
 from clustermix import lake as lk
 from clustermix.errors import LakeBusyError
-from clustermix.pipeline import STAGES, run_stages
+from clustermix.lock import LakeLock
+from clustermix.pipeline import run_stages
 
 from .conftest import make_config
+
+# the stages of `clustermix run` without a search target
+STAGES = ("ingest", "embed", "cluster", "stats", "sample", "blend")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +83,7 @@ def test_fuzzed_input_never_crashes_and_every_record_is_accounted(tmp_path, spar
     assert c["read"] == c["accepted"] + c["duplicates"] + c["quarantined"]
     assert c["read"] == non_blank
     assert c["accepted"] >= 60 and c["quarantined"] > 50
-    reasons = lk.read(spark, run.lake, "quarantine").select("reason").distinct().collect()
+    reasons = tableio.read(spark, run.lake, "quarantine").select("reason").distinct().collect()
     assert {r["reason"] for r in reasons} <= {
         "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string", "blank_text",
         "nul_in_text", "too_long", "bad_id", "quality_not_a_number", "duplicate_id"}
@@ -89,12 +93,12 @@ def test_a_second_run_on_a_busy_lake_refuses_and_writes_nothing(tmp_path, spark)
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "one"}\n{"text": "two"}\n')
     cfg = make_config(tmp_path / "lake", str(src))
-    holder = lk.LakeLock(lk.Lake(cfg.lake.root), "other-run", 3600)
+    holder = LakeLock(lk.Lake(cfg.lake.root), "other-run", 3600)
     holder.acquire()  # held by this (live) process under another run id
     try:
         with pytest.raises(LakeBusyError, match="in use by run other-run"):
             run_stages(cfg, ("ingest",), spark=spark)
-        assert lk.version(str(tmp_path / "lake" / "docs")) is None
+        assert deltalog.version(str(tmp_path / "lake" / "docs")) is None
     finally:
         holder.release()
     # a lock left by a dead process is stale: the next run takes it over
@@ -145,17 +149,17 @@ def test_driver_killed_mid_stage_then_rerun_finishes_with_identical_tables(tmp_p
         faults.disarm(root, "stage.stats")
     assert killed_during == "stats", "the driver was not caught mid-run"
     # the interrupted stage's table was never committed; the finished ones were
-    assert lk.version(str(lake_root / "cluster_stats")) is None
-    versions = {t: lk.version(str(lake_root / t)) for t in ("docs", "embeddings", "assignments")}
+    assert deltalog.version(str(lake_root / "cluster_stats")) is None
+    versions = {t: deltalog.version(str(lake_root / t)) for t in ("docs", "embeddings", "assignments")}
     assert None not in versions.values()
     again = run_stages(make_config(lake_root, cfg.input.path), spark=spark)  # the stale lock is taken over
     status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
     assert status == {"ingest": "skipped", "embed": "skipped", "cluster": "skipped",
                       "stats": "ran", "sample": "ran", "blend": "ran"}
-    assert {t: lk.version(str(lake_root / t)) for t in versions} == versions
+    assert {t: deltalog.version(str(lake_root / t)) for t in versions} == versions
 
     def content(root: str) -> list[tuple]:
-        rows = lk.read(spark, lk.Lake(root), "blended").select("id", "cluster_id", "draw", "position").collect()
+        rows = tableio.read(spark, lk.Lake(root), "blended").select("id", "cluster_id", "draw", "position").collect()
         return sorted(tuple(r) for r in rows)
 
     assert content(str(lake_root)) == content(reference.lake.root)
@@ -209,7 +213,7 @@ def test_embed_actor_killed_mid_run_loses_and_duplicates_nothing(tmp_path, spark
     watcher.join(timeout=5)
     assert "pid" in out, f"no embedding actor was killed (held by: {out.get('title')!r})"
     assert run.manifest["stages"]["embed"]["counts"]["embedded"] == len(records)
-    rows = lk.read(spark, run.lake, "embeddings").collect()
+    rows = tableio.read(spark, run.lake, "embeddings").collect()
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in records)
     from sentence_transformers import SentenceTransformer
 
@@ -223,8 +227,8 @@ def test_embed_actor_killed_mid_run_loses_and_duplicates_nothing(tmp_path, spark
 
 
 def test_kmeans_actor_killed_mid_fit_gives_the_same_result(ray_local):
-    from clustermix.cluster import distributed_kmeans
     from clustermix.config import ClusterConfig
+    from clustermix.kmeans_dist import distributed_kmeans
 
     from .test_kmeans import _dataset, blobs
 

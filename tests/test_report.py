@@ -58,10 +58,17 @@ def _stats_table() -> Any:
     })
 
 
+def _iso(run_id: str) -> str:
+    """The start time a run id begins with, as the manifest writes it."""
+    from datetime import datetime, timezone
+
+    return datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc).isoformat()
+
+
 def _manifest(run_id: str, outcome: str = "succeeded") -> dict[str, Any]:
     hist = {"0": 0, "1": 8, "2": 1, "3": 1}  # 8 + 2 + 3 = 13 draws over 10 docs
     return {
-        "run_id": run_id, "clustermix_version": "0.1.0", "started_at": run_id, "finished_at": run_id,
+        "run_id": run_id, "clustermix_version": "0.1.0", "started_at": _iso(run_id), "finished_at": _iso(run_id),
         "lake_root": "", "outcome": outcome,
         "config": {"stats": {"min_share": 0.2}, "sample": {"clip": 3}, "blend": {"mode": "clusterclip"},
                    "note": "<b>not bold</b>"},
@@ -88,9 +95,13 @@ def tiny_lake(tmp_path) -> Path:
     docs = pa.table({"id": [f"d{i}" for i in range(9)] + ["rare"],
                      "text": [f"ordinary news story {i}" for i in range(9)] + [XSS_TEXT]})
     _write_tables(root, docs=docs, cluster_stats=_stats_table())
+    from clustermix.lake import Lake
+    from clustermix.runs import record_run
+
     for rid, outcome in (("20260101T000000Z-aaaaaa", "succeeded"), ("20260102T000000Z-bbbbbb", "failed")):
         (root / "runs" / rid).mkdir(parents=True)
         (root / "runs" / rid / "manifest.json").write_text(json.dumps(_manifest(rid, outcome)))
+        record_run(Lake(str(root)), _manifest(rid, outcome))  # as the runner does when a run ends
     return root
 
 
@@ -132,7 +143,8 @@ def test_list_runs(tiny_lake):
     before = list_runs(str(tiny_lake))
     assert [(r["run_id"], r["outcome"], r["has_report"]) for r in before] == [
         ("20260101T000000Z-aaaaaa", "succeeded", False), ("20260102T000000Z-bbbbbb", "failed", False)]
-    assert before[0]["started_at"] == "20260101T000000Z-aaaaaa" and before[0]["blended_version"] is None
+    assert before[0]["started_at"] == "2026-01-01T00:00:00+00:00" and before[0]["blended_version"] is None
+    assert before[0]["mode"] == "run"
     write_report(str(tiny_lake), "20260101T000000Z-aaaaaa")
     assert [r["has_report"] for r in list_runs(str(tiny_lake))] == [True, False]
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from clustermix import deltalog, storage
 from clustermix import lake as lk
-from clustermix import storage
+from clustermix.lock import LakeLock
 
 from .conftest import ROOT, make_config
 from .s3server import FlakyProxy, MotoServer, env_for
@@ -66,7 +67,7 @@ def test_concurrent_delta_rs_writers_lose_no_commit(s3):
     from deltalake import DeltaTable, write_deltalake
 
     uri = f"s3://{BUCKET}/concurrency/delta_rs"
-    opts = lk.storage_options(uri)
+    opts = deltalog.storage_options(uri)
     write_deltalake(uri, pa.table({"writer": [-1], "i": [-1]}), mode="append", storage_options=opts)
     n, errors = 6, []
 
@@ -97,11 +98,11 @@ def test_two_runs_racing_for_an_s3_lake_one_wins(s3):
     from clustermix.errors import LakeBusyError
 
     lake = lk.Lake(f"s3://{BUCKET}/race")
-    locks = [lk.LakeLock(lake, f"run-{i}", 3600) for i in range(4)]
+    locks = [LakeLock(lake, f"run-{i}", 3600) for i in range(4)]
     won, busy = [], []
     barrier = threading.Barrier(len(locks))
 
-    def take(lock: lk.LakeLock) -> None:
+    def take(lock: LakeLock) -> None:
         barrier.wait()
         try:
             lock.acquire()
@@ -117,11 +118,11 @@ def test_two_runs_racing_for_an_s3_lake_one_wins(s3):
     assert len(won) == 1 and len(busy) == 3
     winner = next(lock for lock in locks if lock.run_id == won[0])
     winner.release()
-    again = lk.LakeLock(lake, "run-later", 3600)
+    again = LakeLock(lake, "run-later", 3600)
     again.acquire()  # released: free again
     # a stale lock (its run died long ago) is taken over
     storage.put_json_if(again.uri, {"run_id": "dead", "pid": -1, "host": "elsewhere", "time": 0}, absent=False)
-    lk.LakeLock(lake, "run-after-crash", 3600).acquire()
+    LakeLock(lake, "run-after-crash", 3600).acquire()
 
 
 def test_wrong_bucket_fails_fast_with_one_line_naming_the_path(s3, tmp_path):
@@ -161,10 +162,10 @@ def test_transient_errors_are_retried_by_every_python_engine(s3):
             assert pq.read_table(path, filesystem=filesystem).num_rows == 100
         uri = f"{base}/table"
         for i in range(3):
-            write_deltalake(uri, pa.table({"i": [i]}), mode="append", storage_options=lk.storage_options(uri))
-        assert lk.version(uri) == 2 and lk.num_records(uri) == 3
-        assert DeltaTable(uri, storage_options=lk.storage_options(uri)).to_pyarrow_table().num_rows == 3
-        lock = lk.LakeLock(lk.Lake(base), "flaky-run", 3600)
+            write_deltalake(uri, pa.table({"i": [i]}), mode="append", storage_options=deltalog.storage_options(uri))
+        assert deltalog.version(uri) == 2 and deltalog.num_records(uri) == 3
+        assert DeltaTable(uri, storage_options=deltalog.storage_options(uri)).to_pyarrow_table().num_rows == 3
+        lock = LakeLock(lk.Lake(base), "flaky-run", 3600)
         lock.acquire()
         lock.release()
         stats = proxy.stats()
@@ -178,8 +179,10 @@ SPARK_WRITERS = """
 import sys, threading, yaml
 from clustermix.config import build_config
 from clustermix.runtime import spark_session
+from clustermix import deltalog, storage
 from clustermix import lake as lk
 cfg = build_config(yaml.safe_load(open(sys.argv[1])))
+storage.configure(cfg.storage)
 spark = spark_session(cfg)
 lake = lk.Lake(cfg.lake.root)
 spark.range(1).selectExpr("-1 AS writer", "-1 AS i").write.format("delta").save(lake.spark_uri("spark_appends"))
@@ -190,7 +193,7 @@ def writer(w):
 threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
 [t.start() for t in threads]
 [t.join() for t in threads]
-print("versions", lk.version(lake.table("spark_appends")))
+print("versions", deltalog.version(lake.table("spark_appends")))
 """
 
 
@@ -210,7 +213,7 @@ def test_concurrent_spark_writers_in_one_driver_lose_no_commit(s3, tmp_path):
     uri = f"{root}/spark_appends"
     log = _delta_log(uri)
     assert [c["version"] for c in log] == list(range(2 * n + 1))
-    rows = DeltaTable(uri, storage_options=lk.storage_options(uri)).to_pyarrow_table().to_pylist()
+    rows = DeltaTable(uri, storage_options=deltalog.storage_options(uri)).to_pyarrow_table().to_pylist()
     assert sorted((r["writer"], r["i"]) for r in rows if r["writer"] >= 0) == [(w, i) for w in range(2) for i in range(n)]
 
 
@@ -234,16 +237,29 @@ def test_whole_pipeline_with_input_and_lake_on_s3(s3, tmp_path, bbc_slice):
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     seconds = time.time() - t0
     blended = f"{root}/blended"
-    assert DeltaTable(blended, storage_options=lk.storage_options(blended)).to_pyarrow_table().num_rows == 150
+    assert DeltaTable(blended, storage_options=deltalog.storage_options(blended)).to_pyarrow_table().num_rows == 150
     manifest_line = next(line for line in proc.stdout.splitlines() if line.startswith("manifest: "))
     manifest = read_json(manifest_line.removeprefix("manifest: "))
     assert manifest["outcome"] == "succeeded" and manifest["lake_root"] == root
     assert manifest["stages"]["ingest"]["counts"]["read"] == 70
     assert all(manifest["stages"][s]["status"] == "ran" for s in ("ingest", "embed", "cluster", "stats",
                                                                   "sample", "blend"))
-    assert lk.num_records(f"{root}/docs") == manifest["stages"]["ingest"]["counts"]["accepted"]
+    assert deltalog.num_records(f"{root}/docs") == manifest["stages"]["ingest"]["counts"]["accepted"]
     assert storage.read_json_object(f"{root}/_lock.json") is None  # the run released the lake
     print(f"pipeline on s3: {seconds:.0f} s")
+    # the console of a successful run: progress and the summary, no traceback, no engine's warning;
+    # the engines' output is in the run's log, copied into the lake
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    foreign = [ln for ln in proc.stderr.splitlines() if ln.strip() and " clustermix." not in ln]
+    assert foreign == [], foreign[:20]
+    log_line = next(line for line in proc.stdout.splitlines() if line.startswith("log: "))
+    log_uri = log_line.removeprefix("log: ")
+    assert log_uri == f"{root}/runs/{manifest['run_id']}/run.log"
+    log_fs, log_path = lk.open_fs(log_uri)
+    with log_fs.open_input_stream(log_path) as fh:
+        log_text = fh.read().decode()
+    assert "clustermix.pipeline: blend: running" in log_text
+    assert " py4j" in log_text or " ray" in log_text  # the engines' records went there, not to the console
 
     # the nightly path on s3://: the first refresh adopts the lake (every stage current, nothing rerun),
     # the second takes only the file that landed since and assigns its documents to the same clusters
@@ -267,7 +283,7 @@ def test_whole_pipeline_with_input_and_lake_on_s3(s3, tmp_path, bbc_slice):
         "part-2.jsonl"]
     assert manifest["stages"]["ingest"]["counts"]["accepted"] == 12
     assert manifest["drift"]["new_docs"] == 12
-    assert lk.num_records(f"{root}/docs") == lk.num_records(f"{root}/assignments") == accepted0 + 12
+    assert deltalog.num_records(f"{root}/docs") == deltalog.num_records(f"{root}/assignments") == accepted0 + 12
     from clustermix import runs
 
     recorded = runs.read_runs(lk.Lake(root))

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clustermix.clusterclip import water_level
 from clustermix.config import SearchConfig, build_config
 from clustermix.errors import ConfigError, DataError
 from clustermix.search.climb import apportion, run_climb
@@ -26,9 +25,12 @@ def test_cap_project_is_clusterclip_water_filling():
     w = cap_project(x, caps)
     assert np.allclose(w.sum(axis=1), 1.0)
     assert (w <= caps + 1e-12).all() and (w >= 0).all()
-    for xi, wi in zip(x, w, strict=True):  # the same λ as the sample stage's water level
-        lam = water_level(caps, xi / xi.sum(), 1.0, 1.0)
-        assert np.allclose(wi, np.minimum(lam * xi / xi.sum(), caps))
+    for xi, wi in zip(x, w, strict=True):  # min(λ·x, caps) for the λ a brute-force bisection finds
+        lo, hi = 0.0, 1e6
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if np.minimum(mid * xi, caps).sum() < 1.0 else (lo, mid)
+        assert np.allclose(wi, np.minimum(lo * xi, caps))
 
 
 def test_cap_project_keeps_uncapped_rows_and_rejects_impossible_caps():
@@ -219,13 +221,13 @@ SEARCH = {"target_domain": "politics", "iterations": [3, 2, 2], "candidates": 30
 
 @pytest.fixture(scope="module")
 def searched(pipeline, spark, ray_local):
-    from clustermix import lake as lk
+    from clustermix import deltalog, tableio
     from clustermix.search.stage import run_search
 
     cfg, run = pipeline
     cfg = cfg.model_copy(update={"search": SearchConfig(**SEARCH)})
-    inputs = {t: lk.version(run.lake.table(t)) for t in ("docs", "assignments", "centroids")}
-    writer = lk.TableWriter(run.lake, {"run_id": "search-test", "stage": "search", "inputs": inputs})
+    inputs = {t: deltalog.version(run.lake.table(t)) for t in ("docs", "assignments", "centroids")}
+    writer = tableio.TableWriter(run.lake, {"run_id": "search-test", "stage": "search", "inputs": inputs})
     counts = run_search(spark, run.lake, cfg, inputs, "search-test", writer)
     print("search counts:", counts)
     return cfg, run, counts, writer
@@ -234,13 +236,13 @@ def searched(pipeline, spark, ray_local):
 def test_search_writes_the_mixtures_table(searched):
     from deltalake import DeltaTable
 
-    from clustermix import lake as lk
+    from clustermix import deltalog
 
     cfg, run, counts, writer = searched
     uri = run.lake.table("mixtures")
     rows = sorted(DeltaTable(uri).to_pyarrow_table().to_pylist(),
                   key=lambda r: (r["iteration"], r["kind"] != "uniform", r["mixture_id"]))
-    assert writer.versions == {"mixtures": 0} and lk.last_commit_meta(uri)["run_id"] == "search-test"
+    assert writer.versions == {"mixtures": 0} and deltalog.last_commit_meta(uri)["run_id"] == "search-test"
     assert counts["proxies_trained"] == len(rows) == 1 + 3 + 2 + 2  # the uniform baseline, then 3, 2, 2
     assert [r["iteration"] for r in rows] == [1, 1, 1, 1, 2, 2, 3, 3]
     assert counts["iterations"] == 3 and counts["search_dims"] == 3 and counts["clusters"] == cfg.cluster.k
@@ -264,10 +266,10 @@ def test_search_writes_the_mixtures_table(searched):
 
 
 def test_best_mixture_beats_or_matches_uniform_and_blend_accepts_it(searched, spark):
-    from clustermix import lake as lk
+    from clustermix import tableio
     from clustermix.blend import mixture_targets
+    from clustermix.clusterclip import ClusterSizes, allocate_docs
     from clustermix.manifest import read_json
-    from clustermix.sample import ClusterSizes, allocate_docs
     from clustermix.search.stage import best_mixture_uri
 
     cfg, run, counts, _ = searched
@@ -277,7 +279,7 @@ def test_best_mixture_beats_or_matches_uniform_and_blend_accepts_it(searched, sp
     # of them, so best <= uniform holds by construction on the same proxy; a fresh proxy seed could
     # reorder mixtures whose scores differ by less than the seed noise, which no test can rule out.
     assert doc["score"] == counts["best_score"] <= counts["uniform_score"] == doc["uniform_score"]
-    sizes = ClusterSizes.from_stats(lk.read(spark, run.lake, "cluster_stats"))
+    sizes = ClusterSizes.from_stats(tableio.read(spark, run.lake, "cluster_stats"))
     targets = mixture_targets(sizes, path)  # what blend.mode=mixture reads
     assert np.allclose(targets, [doc["weights"][str(c)] for c in sizes.cluster_id])
     assert targets.sum() == pytest.approx(1.0, abs=1e-6)
@@ -287,11 +289,11 @@ def test_best_mixture_beats_or_matches_uniform_and_blend_accepts_it(searched, sp
 
 
 def test_search_without_a_target_stops_before_any_work(pipeline, spark):
-    from clustermix import lake as lk
+    from clustermix import tableio
     from clustermix.search.stage import run_search
 
     cfg, run = pipeline
-    writer = lk.TableWriter(run.lake, {"run_id": "x"})
+    writer = tableio.TableWriter(run.lake, {"run_id": "x"})
     with pytest.raises(ConfigError, match="needs a target set"):
         run_search(spark, run.lake, cfg, {}, "x", writer)
     bad = cfg.model_copy(update={"search": SearchConfig(target_path="/nonexistent/target.jsonl")})

@@ -14,15 +14,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clustermix import contracts
-from clustermix.config import BlendConfig, SampleConfig
+from clustermix.clusterclip import ClusterSizes, allocate_docs, uniform_targets
+from clustermix.contracts import NO_DOMAIN
 from clustermix.errors import ConfigError, DataError
-from clustermix.sample import ClusterSizes, allocate_docs, make_plan, members_frame, uniform_targets
-from clustermix.stats import NO_DOMAIN
+from clustermix.plan import make_plan, members_frame
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from pyspark.sql import Column, DataFrame, SparkSession
+
+    from clustermix.config import BlendConfig, Config, SampleConfig
+    from clustermix.lake import Lake
+    from clustermix.stage import Context
 
 
 def proportional_targets(sizes: ClusterSizes, weights: dict[str, float]) -> np.ndarray:
@@ -96,14 +100,12 @@ def targets_for(bcfg: BlendConfig, sizes: ClusterSizes) -> np.ndarray:
 
 
 def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, docs: DataFrame, sample_plan: DataFrame,
-              bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any) -> dict[str, Any]:
-    """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position."""
+              bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any, plan_rows: int) -> dict[str, Any]:
+    """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position.
+    ``plan_rows``: the rows of ``sample_plan`` (from its Delta log: no read of the plan)."""
     if bcfg.mode == "clusterclip":
         planned, info = sample_plan, {"from": "sample_plan"}
-        # the plan's rows: at most the budget when it counts documents (less only on a shortfall, which
-        # leaves the last file ranges empty); a token budget's documents are counted from the Delta
-        # log's per-file statistics, without reading the plan
-        n_rows = scfg.budget if scfg.unit == "docs" else sample_plan.count()
+        n_rows = plan_rows
     else:
         sizes = ClusterSizes.from_stats(stats)  # a Spark job: only the modes that allocate anew read it
         draws, info = allocate_docs(sizes, targets_for(bcfg, sizes), scfg)
@@ -210,8 +212,7 @@ def broadcast_join(planned: DataFrame, cols: DataFrame, key: Callable[[Column], 
     """``planned`` joined to ``cols`` on ``id`` through a broadcast keyed by ``key(id)``, a 64-bit hash.
 
     On a long key Spark builds a ``LongHashedRelation``, faster to build and to probe, for every row
-    of the corpus, than a map keyed by the id strings (the blend at 4M documents, 1M draws: ~27.8 ->
-    21-25 s; bench/RESULTS.md). The ids are then compared as a condition of the join (a CASE, which
+    of the corpus, than a map keyed by the id strings (figures: bench/RESULTS.md). The ids are then compared as a condition of the join (a CASE, which
     the optimizer cannot turn back into a join key), so a hash collision cannot pair a document
     with another's draws."""
     from pyspark.sql import functions as F
@@ -229,3 +230,38 @@ def domain_mix(blended: DataFrame) -> dict[str, dict[str, int]]:
     rows = blended.groupBy("domain").agg(F.count("*").alias("draws"), F.sum("n_tokens").alias("tokens")).collect()
     return dict(sorted(((r["domain"] or NO_DOMAIN), {"draws": int(r["draws"]), "tokens": int(r["tokens"] or 0)})
                        for r in rows))
+
+
+def mixture_file(cfg: Config, lake: Lake) -> str | None:
+    """The blend's mixture file: ``blend.mixture_path``, where ``search`` names the search's output."""
+    p = cfg.blend.mixture_path
+    return lake.best_mixture_uri() if p == "search" else p
+
+
+def stage_inputs(ctx: Context) -> dict[str, Any]:
+    """A mixture blend depends on the mixture file's content, not just its name."""
+    import hashlib
+
+    from clustermix.lake import open_fs
+
+    p = mixture_file(ctx.cfg, ctx.lake)
+    if ctx.cfg.blend.mode != "mixture" or not p:
+        return {}
+    filesystem, path = open_fs(p)
+    with filesystem.open_input_stream(path) as fh:
+        return {"mixture_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
+
+
+def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The blend stage, on the versions of its inputs the runner pinned; also the draws per domain."""
+    from clustermix import deltalog, tableio
+
+    s, lake, cfg = ctx.spark, ctx.lake, ctx.cfg
+    bcfg = cfg.blend.model_copy(update={"mixture_path": mixture_file(cfg, lake)})
+    info = run_blend(s, tableio.read(s, lake, "cluster_stats", inputs["cluster_stats"]),
+                     tableio.read(s, lake, "assignments", inputs["assignments"]), tableio.read(s, lake, "docs", inputs["docs"]),
+                     tableio.read(s, lake, "sample_plan", inputs["sample_plan"]), bcfg, cfg.sample,
+                     cfg.spark.shuffle_partitions, ctx.write,
+                     plan_rows=deltalog.num_records(lake.table("sample_plan"), inputs["sample_plan"]))
+    info["draws_by_domain"] = domain_mix(tableio.read(s, lake, "blended", ctx.write.versions["blended"]))
+    return info

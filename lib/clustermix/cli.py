@@ -12,16 +12,6 @@ import os
 import sys
 from typing import Any
 
-STAGE_HELP = {
-    "ingest": "raw corpus -> docs, quarantine, duplicates (Spark)",
-    "embed": "docs -> embeddings (Ray Data actor pool of sentence-transformers)",
-    "cluster": "embeddings -> centroids, assignments (distributed FAISS k-means on Ray)",
-    "stats": "docs + assignments -> cluster_stats (Spark)",
-    "sample": "cluster_stats -> sample_plan (ClusterClip, Spark)",
-    "search": "docs + assignments + a target set -> mixtures, search/best_mixture.json (CLIMB proxies on Ray)",
-    "blend": "sample_plan + docs -> blended, the training mix (Spark)",
-}
-
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML config (default: conf/local.yaml)")
@@ -29,6 +19,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a config key by its dotted path, e.g. --set cluster.k=50 (repeatable)")
     p.add_argument("--run-id", default=None, help="run id to record (default: a new time-based id)")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the final summary")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="everything on the console as it comes (Spark, Py4J and Ray output included); by "
+                        "default that goes to the run's log file, runs/<run_id>/run.log under the lake")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "table; every refresh appends one row to the lake's `runs` table.")
     _common(p)
     p.add_argument("--recluster", action="store_true", help="refit k-means on everything whatever the drift")
-    for stage, text in STAGE_HELP.items():
-        p = sub.add_parser(stage, help=text, description=f"Run one stage: {text}.")
+    from clustermix.registry import STAGES
+
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.help, description=f"Run one stage: {stage.help}.")
         _common(p)
     p = sub.add_parser("report", help="(re)write a run's report.html and report.json",
                        description="Regenerate the curation report of a run (default: the newest).")
@@ -107,10 +102,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from clustermix.config import load_config
-    from clustermix.errors import ClustermixError
+    from clustermix.errors import USER_ERRORS
 
     try:
         cfg = load_config(args.config, args.overrides)
+        from clustermix import storage
+        from clustermix.pipeline import check_paths
+
+        check_paths(cfg)
+        storage.configure(cfg.storage)  # every engine of this process reaches the object store the same way
         if args.command == "show-config":
             import yaml
 
@@ -118,28 +118,61 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("report", "runs"):
             return _report_commands(args, cfg.lake.root)
-        from clustermix.pipeline import default_stages, run_stages
-
-        try:
-            if args.command == "refresh":
-                from clustermix.refresh import run_refresh
-
-                run = run_refresh(cfg, recluster=args.recluster, run_id=args.run_id)
-            else:
-                stages = default_stages(cfg) if args.command == "run" else (args.command,)
-                run = run_stages(cfg, stages, run_id=args.run_id)
-        finally:
-            _shutdown()
-    except ClustermixError as exc:
+    except USER_ERRORS as exc:
         print(f"clustermix: {exc}", file=sys.stderr)
         return exc.exit_code
-    print("\n".join(summary_lines(run.manifest)))
-    print(f"manifest: {run.manifest_uri}")
-    from clustermix.report import write_report
+    return _run_command(args, cfg)
 
-    _, html = write_report(run.lake.root, run.run_id)
-    print(f"report: {html}")
+
+def _run_command(args: argparse.Namespace, cfg: Any) -> int:
+    """A command that runs stages: its engines' output goes to the run's log, the console gets progress,
+    the summary, and for a failure one line (the full trace is in the log)."""
+    from clustermix.console import RunLog
+    from clustermix.errors import USER_ERRORS
+    from clustermix.lake import Lake
+    from clustermix.pipeline import new_run_id
+
+    run_id = args.run_id or new_run_id()
+    log = logging.getLogger("clustermix.cli")
+    with RunLog(f"{Lake(cfg.lake.root).run_dir(run_id)}/run.log", verbose=args.verbose, quiet=args.quiet) as out:
+        try:
+            try:
+                run = _run(args, cfg, run_id)
+            finally:
+                _shutdown()
+        except USER_ERRORS as exc:
+            log.debug("the run stopped", exc_info=True)
+            print(f"clustermix: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
+        except Exception as exc:
+            log.error("the run failed", exc_info=True)
+            if args.verbose:
+                raise
+            where = f" (the full trace is in {out.where})" if out.where else ""
+            print(f"clustermix: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                  f"{where}", file=sys.stderr)
+            return 1
+        print("\n".join(summary_lines(run.manifest)))
+        print(f"manifest: {run.manifest_uri}")
+        from clustermix.report import write_report
+
+        _, html = write_report(run.lake.root, run.run_id)
+        print(f"report: {html}")
+    if out.where:
+        print(f"log: {out.where}")
     return 0
+
+
+def _run(args: argparse.Namespace, cfg: Any, run_id: str) -> Any:
+    from clustermix.pipeline import run_stages
+    from clustermix.registry import default_stages
+
+    if args.command == "refresh":
+        from clustermix.refresh import run_refresh
+
+        return run_refresh(cfg, recluster=args.recluster, run_id=run_id)
+    stages = default_stages(cfg) if args.command == "run" else (args.command,)
+    return run_stages(cfg, stages, run_id=run_id)
 
 
 def _report_commands(args: argparse.Namespace, lake_root: str) -> int:

@@ -1,5 +1,8 @@
 """ClusterClip allocation: the closed form of the expected outcome, K numbers in and K out.
 
+The one water-filling and the one largest-remainder rounding of the project (the sample, the blend
+and the search's mixtures all allocate here), and the share summaries the manifest reports.
+
 Given cluster sizes ``n_k``, target shares ``t_k``, a budget ``B`` and a clip ``c``, find ``λ`` with
 ``Σ_k min(λ·t_k·B, c·n_k) = B`` (water-filling: clusters that hit their clip hand the rest of
 their share to the others) and round to integers that sum to exactly ``B`` (or to the cap
@@ -8,9 +11,16 @@ their share to the others) and round to integers that sum to exactly ``B`` (or t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+    from clustermix.config import SampleConfig
 
 
 @dataclass(frozen=True)
@@ -29,22 +39,48 @@ class Allocation:
         return int(self.draws.sum())
 
 
+def water_levels(x: np.ndarray, caps: np.ndarray, total: float = 1.0) -> np.ndarray:
+    """Per row of ``x`` (non-negative weights): the ``λ`` with ``Σ min(λ·x, caps) = total``; inf where the
+    caps over the row's support sum to ``total`` or less. Exact, O(K log K) per row, vectorised over rows.
+
+    >>> water_levels(np.array([[2.0, 1.0, 1.0]]), np.array([1.0, 5.0, 5.0]), 4.0).tolist()
+    [1.5]
+    """
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    caps = np.broadcast_to(np.asarray(caps, dtype=np.float64), x.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(x > 0, caps / x, np.inf)  # the λ at which each entry reaches its cap
+    order = np.argsort(ratio, axis=1, kind="stable")
+    xs, cs, rs = (np.take_along_axis(a, order, axis=1) for a in (x, caps, ratio))
+    capped_before = np.cumsum(cs, axis=1) - cs  # with entries 0..i-1 at their caps
+    rest = np.cumsum(xs[:, ::-1], axis=1)[:, ::-1]  # Σ x over entries i..end
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = np.where(rest > 0, (total - capped_before) / rest, np.inf)
+    ok = lam <= rs * (1 + 1e-12)
+    levels: np.ndarray = np.where(ok.any(axis=1), lam[np.arange(len(x)), np.argmax(ok, axis=1)], np.inf)
+    return levels
+
+
 def water_level(sizes: np.ndarray, targets: np.ndarray, budget: float, clip: float) -> float:
-    """The λ with Σ min(λ·t·B, c·n) = B, for a budget below the cap (exact, O(K log K))."""
-    t = targets * budget
-    caps = clip * sizes
-    pos = t > 0
-    ratios = np.sort(caps[pos] / t[pos])  # λ at which each cluster reaches its clip
-    t_sorted = t[pos][np.argsort(caps[pos] / t[pos])]
-    caps_sorted = caps[pos][np.argsort(caps[pos] / t[pos])]
-    # With clusters 0..i-1 clipped: Σcaps[:i] + λ·Σt[i:] = B
-    cum_caps = np.concatenate([[0.0], np.cumsum(caps_sorted)])
-    rest_t = np.concatenate([np.cumsum(t_sorted[::-1])[::-1], [0.0]])
-    for i in range(len(ratios)):
-        lam = (budget - cum_caps[i]) / rest_t[i]
-        if lam <= ratios[i]:
-            return float(lam)
-    return float("inf")
+    """The λ with Σ min(λ·t·B, c·n) = B, for a budget below the cap."""
+    t = np.asarray(targets, dtype=np.float64) * budget
+    return float(water_levels(t[None, :], clip * np.asarray(sizes, dtype=np.float64), budget)[0])
+
+
+def round_to_total(real: np.ndarray, total: int, caps: np.ndarray | None = None) -> np.ndarray:
+    """Integers near ``real`` summing to ``total``: floors, then one more for the largest remainders
+    (ties to the lower index), never past ``caps``. ``real`` must sum to ``total`` (within rounding)."""
+    out = np.floor(np.asarray(real, dtype=np.float64) + 1e-9).astype(np.int64)
+    room = np.ones(len(out), dtype=bool)
+    if caps is not None:
+        out = np.minimum(out, caps)
+        room = out < caps
+    rest = total - int(out.sum())
+    if rest > 0:
+        frac = np.where(room, real - out, -np.inf)
+        order = np.lexsort((np.arange(len(frac)), -frac))
+        out[order[:rest]] += 1
+    return out
 
 
 def allocate(sizes: np.ndarray, targets: np.ndarray, budget: int, clip: int) -> Allocation:
@@ -71,15 +107,7 @@ def allocate(sizes: np.ndarray, targets: np.ndarray, budget: int, clip: int) -> 
         return Allocation(caps.astype(np.int64), float("inf"), budget, cap, budget - cap, caps > 0)
     lam = water_level(sizes.astype(np.float64), targets, float(budget), float(clip))
     real = np.minimum(lam * targets * budget, caps)
-    draws = np.floor(real + 1e-9).astype(np.int64)
-    draws = np.minimum(draws, caps)
-    rest = budget - int(draws.sum())
-    if rest > 0:
-        # largest remainders first; ties go to the lower cluster index, so the result is stable
-        room = draws < caps
-        frac = np.where(room, real - draws, -np.inf)
-        order = np.lexsort((np.arange(len(frac)), -frac))
-        draws[order[:rest]] += 1
+    draws = round_to_total(real, budget, caps)
     return Allocation(draws, lam, budget, cap, 0, draws >= caps)
 
 
@@ -88,3 +116,89 @@ def per_doc(draws: int, size: int) -> tuple[int, int]:
     if size <= 0:
         return 0, 0
     return draws // size, draws % size
+
+
+@dataclass(frozen=True)
+class ClusterSizes:
+    """The K numbers the allocation needs, read from ``cluster_stats``."""
+
+    cluster_id: np.ndarray
+    n_docs: np.ndarray
+    n_tokens: np.ndarray
+    quality: np.ndarray  # mean quality per cluster, NaN where unknown
+    domains: list[dict[str, int]]
+
+    @classmethod
+    def from_stats(cls, stats: DataFrame) -> ClusterSizes:
+        # K rows, sorted here: orderBy would run a range-partition sampling job for them
+        rows = sorted(stats.select("cluster_id", "n_docs", "n_tokens", "quality_mean", "domains").collect(),
+                      key=lambda r: r["cluster_id"])
+        return cls(
+            np.array([r["cluster_id"] for r in rows], dtype=np.int64),
+            np.array([r["n_docs"] for r in rows], dtype=np.int64),
+            np.array([r["n_tokens"] for r in rows], dtype=np.int64),
+            np.array([np.nan if r["quality_mean"] is None else r["quality_mean"] for r in rows], dtype=np.float64),
+            [dict(r["domains"] or {}) for r in rows],
+        )
+
+
+def allocate_docs(sizes: ClusterSizes, targets: np.ndarray, scfg: SampleConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Draws per cluster (in documents) for ``targets``, with the budget counted in ``scfg.unit``."""
+    if scfg.unit == "docs":
+        alloc = allocate(sizes.n_docs, targets, scfg.budget, scfg.clip)
+        draws = alloc.draws
+    else:
+        alloc = allocate(sizes.n_tokens, targets, scfg.budget, scfg.clip)
+        # a cluster's token draws become document draws at the cluster's mean document length
+        with np.errstate(divide="ignore", invalid="ignore"):
+            draws = np.where(sizes.n_tokens > 0, np.rint(alloc.draws / sizes.n_tokens * sizes.n_docs), 0)
+        draws = np.minimum(draws.astype(np.int64), scfg.clip * sizes.n_docs)
+    info = {
+        "unit": scfg.unit, "budget": scfg.budget, "clip": scfg.clip, "cap": alloc.cap,
+        "allocated": alloc.total, "shortfall": alloc.shortfall, "lambda": None if np.isinf(alloc.lam) else alloc.lam,
+        "clusters_at_clip": int(alloc.clipped.sum()), "draws": int(draws.sum()),
+    }
+    return draws, info
+
+
+def draws_histogram(n_docs: np.ndarray, draws: np.ndarray) -> dict[str, int]:
+    """How many documents are drawn 0, 1, ..., clip times: exact from the K numbers, since each
+    cluster's documents get ``a_k div n_k`` draws and ``a_k mod n_k`` of them one more."""
+    hist: dict[int, int] = {}
+    for n, a in zip(n_docs.tolist(), draws.tolist(), strict=True):
+        if n <= 0:
+            continue
+        base, extra = per_doc(int(a), int(n))
+        hist[base] = hist.get(base, 0) + n - extra
+        if extra:
+            hist[base + 1] = hist.get(base + 1, 0) + extra
+    top = max((k for k, v in hist.items() if v), default=0)
+    return {str(k): hist.get(k, 0) for k in range(top + 1)}
+
+
+def uniform_targets(sizes: ClusterSizes) -> np.ndarray:
+    return (sizes.n_docs > 0).astype(np.float64)
+
+
+def share_summary(counts: np.ndarray, min_share: float) -> dict[str, Any]:
+    """Entropy (nats, and normalised to [0, 1]), Gini, extremes and clusters under ``min_share``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return {"clusters": len(counts), "total": 0}
+    p = counts / total
+    nz = p[p > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    srt = np.sort(p)
+    n = len(p)
+    gini = float((2 * np.arange(1, n + 1) - n - 1).dot(srt) / (n * srt.sum())) if n > 1 else 0.0
+    return {
+        "clusters": n,
+        "total": int(total),
+        "entropy": round(entropy, 6),
+        "entropy_normalised": round(entropy / math.log(n), 6) if n > 1 else 1.0,
+        "gini": round(gini, 6),
+        "largest_share": round(float(p.max()), 6),
+        "smallest_share": round(float(p.min()), 6),
+        "below_threshold": int((p < min_share).sum()),
+    }

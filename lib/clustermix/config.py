@@ -2,6 +2,8 @@
 
 Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the dotted key,
 before any stage runs. YAML is read with ``yaml.safe_load`` only: no object construction.
+This module is a leaf: it imports nothing of the project, and building a config has no side
+effects (the runner applies the ``storage`` section and checks paths: :mod:`clustermix.pipeline`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from clustermix.errors import ConfigError
-
 BUILTIN_PREFIX = "builtin://"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "conf" / "local.yaml"
+
+
+class ConfigError(Exception):
+    """A config key has a wrong name, type or value. Raised before any work is done (exit code 2).
+    Defined here so the config imports nothing of the project; :mod:`clustermix.errors` re-exports it."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, value: object, problem: str) -> None:
+        self.key, self.value, self.problem = key, value, problem
+        super().__init__(f"config error: {key}={value!r}: {problem}")
 
 
 class _Section(BaseModel):
@@ -302,16 +313,11 @@ def _first_error(err: ValidationError, tree: dict[str, Any]) -> ConfigError:
 
 
 def build_config(tree: dict[str, Any]) -> Config:
-    """Validate a raw mapping into a :class:`Config`, raising one :class:`ConfigError`; its ``storage``
-    section becomes the process's object-store settings (:func:`clustermix.storage.configure`)."""
+    """Validate a raw mapping into a :class:`Config`, raising one :class:`ConfigError`."""
     try:
-        cfg = Config.model_validate(tree)
+        return Config.model_validate(tree)
     except ValidationError as err:
         raise _first_error(err, tree) from None
-    from clustermix import storage
-
-    storage.configure(cfg.storage)  # every engine of this process reaches the object store the same way
-    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -329,31 +335,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
-    cfg = build_config(tree)
-    check_paths(cfg)
-    return cfg
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def check_paths(cfg: Config) -> None:
-    """Fail early on local paths that cannot work (remote ones are checked by the stage)."""
-    p = cfg.input.path
-    if p.startswith(BUILTIN_PREFIX):
-        from clustermix.corpus import BUILTIN_CORPORA
-
-        name = p[len(BUILTIN_PREFIX) :]
-        if name not in BUILTIN_CORPORA:
-            raise ConfigError("input.path", p, f"unknown builtin corpus; known: {sorted(BUILTIN_CORPORA)}")
-    elif not _is_remote(p) and not Path(p.removeprefix("file://")).exists():
-        raise ConfigError("input.path", p, "path does not exist")
-    mp = cfg.blend.mixture_path
-    if cfg.blend.mode == "mixture" and mp is None:
-        raise ConfigError("blend.mixture_path", mp, "mode 'mixture' needs a mixture file (or 'search')")
-    if mp is not None and mp != "search" and not _is_remote(mp) and not Path(mp).exists():
-        raise ConfigError("blend.mixture_path", mp, "path does not exist")
-    from clustermix.models import resolve_model
-
-    resolve_model(cfg.embed.model)
+    return build_config(tree)

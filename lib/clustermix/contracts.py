@@ -9,6 +9,9 @@ from clustermix.errors import ClustermixError
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
+# how a document without a domain is named in cluster_stats' domain histograms and the blend's mix
+NO_DOMAIN = "(none)"
+
 # table -> {column: Spark simple type string}
 CONTRACTS: dict[str, dict[str, str]] = {
     "docs": {

@@ -43,17 +43,14 @@ def materialize(name: str, root: str) -> str:
     """Write builtin corpus ``name`` as JSONL under ``<root>/_builtin/`` and return its path."""
     from pyarrow import fs as pafs
 
-    from clustermix.lake import open_fs
+    from clustermix.lake import open_fs, write_atomic
 
     filesystem, base = open_fs(root)  # on s3:// the configured endpoint, region and retries
     target = f"{base.rstrip('/')}/_builtin/{name}.jsonl"
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in iter_records(name)).encode()
     info = filesystem.get_file_info(target)
-    if info.type != pafs.FileType.File or info.size != len(body):
-        filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        tmp = target + ".tmp"
-        with filesystem.open_output_stream(tmp) as fh:
-            fh.write(body)
-        filesystem.move(tmp, target)
     prefix = root.split("://", 1)[0] + "://" if "://" in root else ""
-    return prefix + target if prefix else target
+    uri = prefix + target if prefix else target
+    if info.type != pafs.FileType.File or info.size != len(body):
+        write_atomic(uri, body)
+    return uri

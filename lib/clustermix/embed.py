@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clustermix import contracts, faults
+from clustermix import contracts, deltalog, faults, tableio
 from clustermix import lake as lk
 from clustermix.config import EmbedConfig
 from clustermix.models import model_id, resolve_model
@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyspark.sql import SparkSession
 
-    from clustermix.lake import Lake, TableWriter
+    from clustermix.lake import Lake
+    from clustermix.stage import Context
+    from clustermix.tableio import TableWriter
 
 log = logging.getLogger(__name__)
 
@@ -235,16 +237,11 @@ class _Progress:
             self.report()
 
     def done(self) -> int:
-        import pyarrow.parquet as pq
-
-        for f in lk.list_parquet(self.out_dir):
-            if f not in self.rows:
-                try:
-                    filesystem, path = lk.open_fs(f)
-                    with filesystem.open_input_file(path) as fh:
-                        self.rows[f] = pq.read_metadata(fh).num_rows
-                except (OSError, ValueError):  # no footer yet: still being written
-                    continue
+        new = [f for f in lk.list_parquet(self.out_dir) if f not in self.rows]
+        # a file still being written has no footer yet: counted on a later poll
+        for f, n in zip(new, lk.parquet_rows(new, skip_unfinished=True), strict=True):
+            if n is not None:
+                self.rows[f] = n
         return sum(self.rows.values())
 
     def report(self) -> None:
@@ -298,32 +295,6 @@ class _Phases:
             self.seconds[name] = round(time.perf_counter() - t0, 2)
 
 
-def _docs_files(uri: str, version: int) -> tuple[list[str], list[int | None]]:
-    """The Parquet files of ``docs@version`` and their row counts from the Delta log (no data read)."""
-    from deltalake import DeltaTable
-
-    dt = DeltaTable(uri, version=version)
-    files = dt.file_uris()
-    adds = dt.get_add_actions(flatten=True)
-    if "num_records" in adds.schema.names:
-        paths, counts = adds.column("path").to_pylist(), adds.column("num_records").to_pylist()
-        if len(paths) == len(files) and all(f.endswith("/" + p) for f, p in zip(files, paths, strict=True)):
-            return files, counts
-    return files, [None] * len(files)
-
-
-def _footer_rows(files: list[str]) -> list[int | None]:
-    """Row counts of Parquet files from their footers (no data read)."""
-    import pyarrow.parquet as pq
-
-    out: list[int | None] = []
-    for f in files:
-        filesystem, path = lk.open_fs(f)
-        with filesystem.open_input_file(path) as fh:
-            out.append(pq.read_metadata(fh).num_rows)
-    return out
-
-
 def run_embed(spark: SparkSession, lake: Lake, ecfg: EmbedConfig, docs_version: int, run_id: str,
               write: TableWriter) -> dict[str, Any]:
     """Embed every document of ``docs@docs_version`` that has no embedding for this model yet."""
@@ -332,21 +303,21 @@ def run_embed(spark: SparkSession, lake: Lake, ecfg: EmbedConfig, docs_version: 
 
     name = model_id(ecfg.model)
     phase = _Phases()
-    exists = lk.version(lake.table("embeddings")) is not None
+    exists = deltalog.version(lake.table("embeddings")) is not None
     staging_in = None
     with phase("todo"):
         if exists:
-            docs = lk.read(spark, lake, "docs", docs_version).select("id", "text")
-            have = lk.read(spark, lake, "embeddings").where(F.col("model") == name).select("id")
+            docs = tableio.read(spark, lake, "docs", docs_version).select("id", "text")
+            have = tableio.read(spark, lake, "embeddings").where(F.col("model") == name).select("id")
             staging_in = lake.staging("embed_todo", run_id)
             docs.join(have, "id", "left_anti").write.mode("overwrite").parquet(lk.spark_path(staging_in))
             todo_files = lk.list_parquet(staging_in)
-            rows = _footer_rows(todo_files)  # no count() pass over the to-do list
+            rows = lk.parquet_rows(todo_files)  # no count() pass over the to-do list
         else:
             # nothing embedded yet: the to-do list is docs itself, read from its own files (no
             # Spark job, no staging copy)
-            todo_files, rows = _docs_files(lake.table("docs"), docs_version)
-    n_todo = sum(n for n in rows if n) if None not in rows else lk.num_records(lake.table("docs"))
+            todo_files, rows = deltalog.file_counts(lake.table("docs"), docs_version)
+    n_todo = sum(n for n in rows if n) if None not in rows else deltalog.num_records(lake.table("docs"))
     staging_out = lake.staging("embeddings", run_id)
     t0 = time.time()
     if n_todo:
@@ -366,7 +337,7 @@ def run_embed(spark: SparkSession, lake: Lake, ecfg: EmbedConfig, docs_version: 
         if not exists:
             write("embeddings", new)
         else:
-            ids = lk.read(spark, lake, "docs", docs_version).select("id")
+            ids = tableio.read(spark, lake, "docs", docs_version).select("id")
             source = ids.join(new.select("id", "embedding"), "id", "left")
             target = DeltaTable.forPath(spark, lake.spark_uri("embeddings"))
 
@@ -388,3 +359,9 @@ def run_embed(spark: SparkSession, lake: Lake, ecfg: EmbedConfig, docs_version: 
 
 def _sql_str(s: str) -> str:
     return s.replace("'", "''")
+
+
+def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The embed stage: documents of ``docs`` without an embedding for the model -> ``embeddings``."""
+    ctx.ray()
+    return run_embed(ctx.spark, ctx.lake, ctx.cfg.embed, inputs["docs"], ctx.run_id, ctx.write)

@@ -1,20 +1,23 @@
 """Errors a user can act on. The CLI prints them as one line and exits with a fixed code."""
 
+from clustermix.config import ConfigError
+
+__all__ = [
+    "USER_ERRORS",
+    "AccountingError",
+    "ClustermixError",
+    "ConfigError",
+    "DataError",
+    "InputError",
+    "LakeBusyError",
+    "StorageError",
+]
+
 
 class ClustermixError(Exception):
     """Base class: a problem the user can fix (bad config, bad input, a busy lake)."""
 
     exit_code = 1
-
-
-class ConfigError(ClustermixError):
-    """A config key has a wrong name, type or value. Raised before any work is done."""
-
-    exit_code = 2
-
-    def __init__(self, key: str, value: object, problem: str) -> None:
-        self.key, self.value, self.problem = key, value, problem
-        super().__init__(f"config error: {key}={value!r}: {problem}")
 
 
 class InputError(ClustermixError):
@@ -46,3 +49,7 @@ class StorageError(ClustermixError):
     endpoint): a permanent error, reported at once with the path, not retried."""
 
     exit_code = 2
+
+
+# what the CLI prints as one line with the error's own exit code
+USER_ERRORS = (ClustermixError, ConfigError)

@@ -8,18 +8,19 @@ JSON lines are parsed with Spark's VARIANT functions, so no Python runs per reco
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clustermix import contracts
-from clustermix.config import BUILTIN_PREFIX, Config, InputConfig
 from clustermix.errors import AccountingError, InputError
-from clustermix.lake import is_hidden, open_fs
+from clustermix.inputs import InputSpec, resolve_input
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
-    from clustermix.lake import Lake, TableWriter
+    from clustermix.config import Config, InputConfig
+    from clustermix.lake import Lake
+    from clustermix.stage import Context
+    from clustermix.tableio import TableWriter
 
 log = logging.getLogger(__name__)
 
@@ -30,56 +31,6 @@ REASONS = (
 )
 _NUMERIC = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL.*)$"
 _INTEGRAL = r"^(TINYINT|SMALLINT|INT|BIGINT|DECIMAL\(\d+,0\))$"
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """Where the raw corpus is, resolved (builtin corpora materialised), with its listing."""
-
-    path: str
-    format: str
-    listing: dict[str, Any]
-    # set by a refresh: only these files (as Spark spells them) are read, not everything under path
-    files: tuple[str, ...] | None = None
-
-    def spark_files(self) -> list[str]:
-        """Every listed file as Spark spells it (local path, or s3a://bucket/key)."""
-        from clustermix.lake import spark_path
-
-        scheme = self.path.split("://", 1)[0] + "://" if "://" in self.path and not self.path.startswith(
-            "file://") else ""
-        return [spark_path(scheme + p) for p in sorted(self.listing.get("files", {}))]
-
-
-def resolve_input(cfg: Config, lake_root: str) -> InputSpec:
-    """Resolve ``input.path`` and list its files (their sizes and times make the fingerprint)."""
-    from pyarrow import fs as pafs
-
-    path, fmt = cfg.input.path, cfg.input.format
-    if path.startswith(BUILTIN_PREFIX):
-        from clustermix.corpus import materialize
-
-        path, fmt = materialize(path[len(BUILTIN_PREFIX) :], lake_root), "jsonl"
-    if fmt == "delta":
-        from clustermix.lake import version
-
-        v = version(path)
-        if v is None:
-            raise InputError(f"input.path {path!r} is not a Delta table")
-        return InputSpec(path, fmt, {"delta_version": v})
-    try:
-        filesystem, base = open_fs(path)
-        info = filesystem.get_file_info(base)
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"input.path {path!r} does not exist")
-        infos = [info] if info.type == pafs.FileType.File else filesystem.get_file_info(
-            pafs.FileSelector(base, recursive=True))
-    except OSError as exc:
-        raise InputError(f"input.path {path!r} cannot be listed: {exc}") from None
-    files = {i.path: [i.size, i.mtime_ns] for i in infos if i.type == pafs.FileType.File and not is_hidden(i.path)}
-    if not files:
-        raise InputError(f"input.path {path!r} holds no files")
-    return InputSpec(path, fmt, {"files": files})
 
 
 def _vpath(field: str) -> str:
@@ -299,7 +250,7 @@ def _result(counts: dict[tuple[str, str | None], int], versions: dict[str, int])
 
 def verify_accounting(result: dict[str, Any], lake: Lake) -> None:
     """Check, against the committed tables, that read = accepted + duplicates + quarantined."""
-    from clustermix.lake import num_records
+    from clustermix.deltalog import num_records
 
     written = {n: num_records(lake.table(n)) for n in ("docs", "duplicates", "quarantine")}
     total = written["docs"] + written["duplicates"] + written["quarantine"]
@@ -319,7 +270,8 @@ def spark_source_uris(spark: SparkSession, paths: list[str]) -> list[str]:
     so the rows already ingested from them can be found."""
     import re
 
-    jvm, conf = spark._jvm, spark._jsc.hadoopConfiguration()  # type: ignore[union-attr]
+    jvm: Any = spark._jvm
+    conf = spark._jsc.hadoopConfiguration()
     out = []
     for p in paths:
         hp = jvm.org.apache.hadoop.fs.Path(p)
@@ -338,7 +290,7 @@ def _prior_rows(spark: SparkSession, lake: Lake, new: DataFrame, replaced: str) 
     shaped as candidate records; found with semi-joins so the docs table is scanned, not shuffled."""
     from pyspark.sql import functions as F
 
-    from clustermix.lake import read
+    from clustermix.tableio import read
 
     docs = read(spark, lake, "docs").where(f"NOT ({replaced})")
     keys = new.select(F.col("_id").alias("id"), F.sha2("_text", 256).alias("text_hash")).where(
@@ -366,7 +318,7 @@ def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from clustermix.lake import read
+    from clustermix.tableio import read
 
     assert spec.files is not None
     replaced = sql_in(SOURCE_KEY, spark_source_uris(spark, list(spec.files)))
@@ -387,3 +339,25 @@ def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_
     if sum(written.values()) != result["read"] or written["docs"] != result["accepted"]:
         raise AccountingError(f"refresh ingest lost records: read {result['read']} but wrote {written}")
     return result
+
+
+def stage_inputs(ctx: Context) -> dict[str, Any]:
+    """What ingest depends on besides config: the input's files (sizes and times) or Delta version.
+    A refresh sets ``ctx.input_spec`` to the new files only; a run lists everything under the path."""
+    if ctx.input_spec is None:
+        ctx.input_spec = resolve_input(ctx.cfg, ctx.lake.root)
+    spec = ctx.input_spec
+    assert spec is not None
+    out: dict[str, Any] = {"input": spec.listing, "path": spec.path}
+    if spec.files is not None:
+        out["mode"] = "increment"
+    return out
+
+
+def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The ingest stage: every record of the input (a refresh: of its new files) into the three tables."""
+    spec = ctx.input_spec
+    assert spec is not None
+    if spec.files is not None:
+        return run_ingest_increment(ctx.spark, ctx.cfg, spec, ctx.run_id, ctx.write, ctx.lake)
+    return run_ingest(ctx.spark, ctx.cfg, spec, ctx.run_id, ctx.write)

@@ -7,16 +7,10 @@ from typing import Any
 
 
 def write_json(uri: str, doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``uri`` (local path or object-store URI) via a temporary file and a move."""
-    from clustermix.lake import open_fs
+    """Write ``doc`` to ``uri`` (local path or object-store URI), atomically."""
+    from clustermix.lake import write_atomic
 
-    body = json.dumps(doc, indent=2, sort_keys=False, default=str).encode()
-    filesystem, path = open_fs(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = path + ".tmp"
-    with filesystem.open_output_stream(tmp) as fh:
-        fh.write(body)
-    filesystem.move(tmp, path)
+    write_atomic(uri, json.dumps(doc, indent=2, sort_keys=False, default=str).encode())
 
 
 def read_json(uri: str) -> dict[str, Any]:

@@ -31,6 +31,9 @@ import numpy as np
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
+    from clustermix.clusterclip import ClusterSizes
+    from clustermix.config import SampleConfig
+
 ORDERS = ("random", "stratified", "g2s", "s2g")
 LONG_MAX = 2**63 - 1
 SIGMAS = 8.0  # margin of the candidate threshold above the expected count, in standard deviations
@@ -65,7 +68,7 @@ class Counts:
 
         Handed to Spark as an Arrow table, which Spark keeps as a local relation: broadcasting it
         then needs no job (a frame made from Python rows is an RDD, whose broadcast runs a job
-        through Python workers: ~0.5 s per plan on two cores)."""
+        through Python workers: a measurable share of a plan's time; bench/RESULTS.md)."""
         import pyarrow as pa
 
         off = np.cumsum(self.a) - self.a  # items of earlier clusters: the index of item 0 in cluster order
@@ -107,7 +110,7 @@ def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> Dat
     alloc = counts.frame(members.sparkSession, within)
     # the rank's shuffle carries only what the rank orders by; the cluster's numbers join back after
     # it (a broadcast of K rows): a third fewer bytes shuffled (99.9 -> 65.1 MB at 4M documents).
-    # Each DataFrame call is analysed on the driver as it is made (10-30 ms here), so the steps are
+    # Each DataFrame call is analysed on the driver as it is made (tens of ms), so the steps are
     # folded into as few calls as the plan allows
     quality = ["quality"] if within == "quality" else []
     candidates = (members.join(F.broadcast(alloc.select("cluster_id", "t_k")), "cluster_id")
@@ -145,8 +148,8 @@ def round_bounds(a: np.ndarray, groups: int) -> list[int]:
     """Rounds at which g2s groups start (after group 0), so each group holds about B/groups items."""
     total = int(a.sum())
     target = np.array([total * q // groups for q in range(1, groups)], dtype=np.int64)
-    lo = np.zeros(len(target), dtype=np.int64)
-    hi = np.full(len(target), int(a.max()) if len(a) else 0, dtype=np.int64)
+    lo: np.ndarray = np.zeros(len(target), dtype=np.int64)
+    hi: np.ndarray = np.full(len(target), int(a.max()) if len(a) else 0, dtype=np.int64)
     while (lo < hi).any():  # smallest j with items_before_round(j) >= target, bisected for all targets at once
         mid = (lo + hi) // 2
         ok = items_before_round(a, mid) >= target
@@ -259,3 +262,20 @@ def build_plan(members: DataFrame, counts: Counts, *, seed: int, within: str, or
                partitions: int) -> DataFrame:
     """The whole per-document plan: (id, cluster_id, draw, position, phase) for the K numbers ``counts``."""
     return with_position(doc_draws(members, counts, seed, within), counts, order, seed, a_min, partitions)
+
+
+def make_plan(spark: SparkSession, members: DataFrame, sizes: ClusterSizes, draws: np.ndarray,
+              scfg: SampleConfig, partitions: int) -> DataFrame:
+    """The per-document plan for a K-vector of draws."""
+    counts = Counts.of(sizes.cluster_id, sizes.n_docs, draws)
+    active = draws[draws > 0]
+    a_min = int(active.min()) if len(active) else 0
+    return build_plan(members, counts, seed=scfg.seed, within=scfg.within, order=scfg.order, a_min=a_min,
+                           partitions=partitions)
+
+
+def members_frame(assignments: DataFrame, docs: DataFrame, within: str) -> DataFrame:
+    """The cluster members the plan ranks (quality only when the within-cluster choice needs it)."""
+    if within == "quality":
+        return assignments.select("id", "cluster_id").join(docs.select("id", "quality"), "id")
+    return assignments.select("id", "cluster_id")

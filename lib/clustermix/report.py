@@ -20,8 +20,9 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from clustermix import __version__
+from clustermix.deltalog import rows_of
 from clustermix.errors import DataError
-from clustermix.lake import Lake
+from clustermix.lake import Lake, is_hidden, write_atomic
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
@@ -43,8 +44,9 @@ def _run_ids(lake: Lake) -> list[str]:
 
     filesystem, base = _fs(f"{lake.root}/runs")
     infos = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    # run ids start with a UTC timestamp, so their order is the order the runs started
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    # run ids start with a UTC timestamp, so their order is the order the runs started; the runs table
+    # shares the folder (its _delta_log is no run)
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not is_hidden(i.base_name))
 
 
 def _manifest(lake: Lake, run_id: str) -> dict[str, Any] | None:
@@ -57,16 +59,18 @@ def _manifest(lake: Lake, run_id: str) -> dict[str, Any] | None:
 
 
 def list_runs(lake_root: str) -> list[dict[str, Any]]:
-    """Every run under ``<lake_root>/runs``, oldest first: id, start, outcome, blended version, report."""
+    """Every run recorded in the lake's ``runs`` table, oldest first: id, mode, start, outcome, drift
+    decision, the blended version it left, and whether its report exists."""
+    from clustermix.runs import read_runs
+
     lake = Lake(lake_root)
     out = []
-    for rid in _run_ids(lake):
-        m = _manifest(lake, rid) or {"outcome": "unreadable manifest"}
-        filesystem, path = _fs(f"{lake.run_dir(rid)}/report.html")
-        out.append({"run_id": rid, "started_at": m.get("started_at"), "finished_at": m.get("finished_at"),
-                    "outcome": m.get("outcome"), "mode": m.get("mode", "run"),
-                    "decision": (m.get("drift") or {}).get("decision"),
-                    "blended_version": (m.get("tables") or {}).get("blended"),
+    for r in read_runs(lake):
+        filesystem, path = _fs(f"{lake.run_dir(r['run_id'])}/report.html")
+        out.append({"run_id": r["run_id"], "mode": r["mode"], "outcome": r["outcome"],
+                    "started_at": r["started_at"].isoformat() if r["started_at"] else None,
+                    "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+                    "decision": r["decision"], "blended_version": json.loads(r["tables"] or "{}").get("blended"),
                     "has_report": filesystem.get_file_info(path).is_file})
     return out
 
@@ -75,7 +79,8 @@ class _Run:
     """One run's manifest, plus (read on demand) those of the runs that wrote what it reused."""
 
     def __init__(self, lake: Lake, manifest: dict[str, Any]) -> None:
-        self.lake, self.m, self.notes = lake, manifest, []
+        self.lake, self.m = lake, manifest
+        self.notes: list[str] = []
         self._others: dict[str, dict[str, Any] | None] = {}
         self._tables: dict[str, DeltaTable | None] = {}
 
@@ -113,7 +118,7 @@ class _Run:
         from deltalake import DeltaTable
         from deltalake.exceptions import DeltaError
 
-        from clustermix.lake import storage_options
+        from clustermix.deltalog import storage_options
 
         uri = self.lake.table(name)
         opts = storage_options(uri)  # the object store's endpoint, region and retries
@@ -128,18 +133,6 @@ class _Run:
         except DeltaError:
             self.notes.append(f"{name}: version {v} is no longer readable (vacuumed?); read the latest instead")
             return DeltaTable(uri, storage_options=opts)
-
-
-def _rows(dt: DeltaTable) -> int:
-    """Row count from the Delta log's file statistics, without reading data when they are there."""
-    import pyarrow as pa
-
-    acts = pa.table(dt.get_add_actions(flatten=True))
-    if acts.num_rows == 0:
-        return 0
-    if "num_records" in acts.column_names and acts.column("num_records").null_count == 0:
-        return int(acts.column("num_records").to_numpy().sum())
-    return int(dt.to_pyarrow_dataset().count_rows())
 
 
 def _value_counts(dt: DeltaTable, column: str) -> dict[Any, int]:
@@ -170,7 +163,7 @@ def _snippets(docs: DeltaTable | None, ids: set[str]) -> dict[str, str]:
 def _accounting(run: _Run) -> dict[str, Any]:
     counts = run.stage("ingest").get("counts") or {}
     dts = {t: run.table(t) for t in ("docs", "duplicates", "quarantine")}
-    tables = {t: _rows(dt) for t, dt in dts.items() if dt is not None}
+    tables = {t: rows_of(dt) for t, dt in dts.items() if dt is not None}
     if "read" in counts:
         acc = {k: counts[k] for k in ("read", "accepted", "duplicates", "quarantined")}
         acc["quarantined_by_reason"] = dict(counts.get("quarantined_by_reason") or {})
@@ -282,9 +275,9 @@ def _search(run: _Run) -> dict[str, Any]:
 
 
 def _stage_rows(run: _Run) -> list[dict[str, Any]]:
-    from clustermix.pipeline import STAGES
+    from clustermix.registry import ORDER
 
-    names = [s for s in STAGES if s in run.m.get("stages", {})]
+    names = [s for s in ORDER if s in run.m.get("stages", {})]
     names += [s for s in run.m.get("stages", {}) if s not in names]
     out = []
     for s in names:
@@ -371,15 +364,6 @@ def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
     return _clean(rep)
 
 
-def _write(uri: str, body: bytes) -> None:
-    """Write via a temporary file and a move, so a reader never sees half a report."""
-    filesystem, path = _fs(uri)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path + ".tmp") as fh:
-        fh.write(body)
-    filesystem.move(path + ".tmp", path)
-
-
 def write_report(lake_root: str, run_id: str | None = None) -> tuple[str, str]:
     """Write ``report.json`` and ``report.html`` into the run's folder; return their URIs (json, html)."""
     from clustermix.report_html import render
@@ -390,6 +374,6 @@ def write_report(lake_root: str, run_id: str | None = None) -> tuple[str, str]:
     rep["figures"] = sorted(figures)
     run_dir = Lake(lake_root).run_dir(rep["run"]["run_id"])
     json_uri, html_uri = f"{run_dir}/report.json", f"{run_dir}/report.html"
-    _write(json_uri, json.dumps(rep, indent=2, allow_nan=False).encode())
-    _write(html_uri, render(rep, figures).encode())
+    write_atomic(json_uri, json.dumps(rep, indent=2, allow_nan=False).encode())
+    write_atomic(html_uri, render(rep, figures).encode())
     return json_uri, html_uri

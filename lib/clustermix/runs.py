@@ -23,7 +23,7 @@ RUNS, LEDGER = "runs", "input_files"
 def _append(uri: str, table: pa.Table) -> None:
     from deltalake import write_deltalake
 
-    from clustermix.lake import storage_options
+    from clustermix.deltalog import storage_options
 
     write_deltalake(uri, table, mode="append", storage_options=storage_options(uri))
 
@@ -66,14 +66,14 @@ def record_run(lake: Lake, manifest: dict[str, Any]) -> None:
 def taken_files(lake: Lake) -> dict[str, tuple[int, int]] | None:
     """Every input file a refresh has ingested, as path -> (size, mtime_ns) of its latest taking;
     None when no refresh has run on this lake yet."""
-    from clustermix.lake import version
+    from clustermix.deltalog import version
 
     uri = lake.table(LEDGER)
     if version(uri) is None:
         return None
     from deltalake import DeltaTable
 
-    from clustermix.lake import storage_options
+    from clustermix.deltalog import storage_options
 
     t = DeltaTable(uri, storage_options=storage_options(uri)).to_pyarrow_table(
         columns=["path", "size", "mtime_ns", "taken_at"])
@@ -109,7 +109,7 @@ def read_runs(lake: Lake) -> list[dict[str, Any]]:
     """Every recorded run, in the order they were recorded (an empty list when none)."""
     from deltalake import DeltaTable
 
-    from clustermix.lake import storage_options, version
+    from clustermix.deltalog import storage_options, version
 
     uri = lake.table(RUNS)
     if version(uri) is None:

@@ -107,7 +107,7 @@ def spark_session(cfg: Config) -> SparkSession:
         "spark.databricks.delta.properties.defaults.enableDeletionVectors": "false",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
         # PySpark 4 records the Python call site of every Column call for error messages: a stack walk
-        # and five Py4J round trips each (F.col: ~2.5 -> ~0.5 ms here), paid again on every plan built
+        # and five Py4J round trips each (bench/RESULTS.md), paid again on every plan built
         "spark.python.sql.dataFrameDebugging.enabled": "false",
     }
     cores = local_cores(sc.master)
@@ -117,16 +117,16 @@ def spark_session(cfg: Config) -> SparkSession:
         # table operation, so local mode uses one per core
         conf["spark.databricks.delta.snapshotPartitions"] = str(cores)
         # shuffle files never leave this machine: compressing them only spends the cores (lz4 on a
-        # shuffle of 1 GB of text cost ~2.5 s of 2 cores; bench/RESULTS.md), for disk that stays local
+        # shuffle of text costs whole seconds of the cores; bench/RESULTS.md), for disk that stays local
         conf["spark.shuffle.compress"] = "false"
         # likewise a broadcast's compressed copy is only for other machines: here tasks share the
-        # driver's object (the blend's plan, ~1M rows: ~0.2 s of compression saved)
+        # driver's object (the blend's plan), so compressing it is work for nothing
         conf["spark.broadcast.compress"] = "false"
     s3 = uses_s3(cfg)
     if s3:
         from clustermix import storage
 
-        conf.update(storage.spark_conf())  # s3a endpoint, region, retries; Delta's S3 LogStore
+        conf.update(storage.spark_conf(cfg.storage))  # s3a endpoint, region, retries; Delta's S3 LogStore
     if sc.delta_jars != "none":
         # s3a only when a path needs it: the AWS SDK bundle is a large jar to put on every classpath
         conf["spark.jars.packages"] = ",".join([delta_package()] + ([s3a_package()] if s3 else []))
@@ -149,6 +149,9 @@ def spark_session(cfg: Config) -> SparkSession:
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
+    from clustermix import console
+
+    console.engines_started()
     return spark
 
 
@@ -158,15 +161,18 @@ def ray_init(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    from clustermix import console
+
     kwargs: dict[str, object] = {
         "include_dashboard": False,
-        "log_to_driver": True,
+        # with the console routed to the run's log, workers' output stays in Ray's session logs
+        "log_to_driver": not console.routed(),
         "configure_logging": True,
         "logging_level": logging.WARNING,
     }
     from clustermix import faults, storage
 
-    env = storage.ray_env()  # workers on other machines reach the object store as configured
+    env = storage.ray_env(cfg.storage)  # workers on other machines reach the object store as configured
     if os.environ.get(faults.ENV):
         env[faults.ENV] = os.environ[faults.ENV]
     if env:
@@ -188,3 +194,5 @@ def ray_init(cfg: Config) -> None:
     # live bars on a terminal; in logs (CI, cluster jobs) the stages log their own progress
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
+    console.engines_started()
+    log.debug("Ray: %s (workers' logs under its session folder)", ray.get_runtime_context().gcs_address)

@@ -1,22 +1,22 @@
 """Stats (Spark): ``docs`` ⋈ ``assignments`` (+ ``centroids``) -> ``cluster_stats``, one row per cluster.
 
-Also the corpus summary for the manifest (clusters below threshold, entropy and Gini of shares),
-computed from the K rows only.
+Also the corpus summary for the manifest (clusters below threshold, entropy and Gini of shares:
+:func:`clustermix.clusterclip.share_summary`), computed from the K rows only.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clustermix import contracts
+from clustermix.contracts import NO_DOMAIN
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-NO_DOMAIN = "(none)"
+    from clustermix.stage import Context
 
 
 def cluster_stats(docs: DataFrame, assignments: DataFrame, centroids: DataFrame, min_share: float,
@@ -62,25 +62,14 @@ def cluster_stats(docs: DataFrame, assignments: DataFrame, centroids: DataFrame,
     return contracts.check(out, "cluster_stats")
 
 
-def share_summary(counts: np.ndarray, min_share: float) -> dict[str, Any]:
-    """Entropy (nats, and normalised to [0, 1]), Gini, extremes and clusters under ``min_share``."""
-    counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum()
-    if total <= 0:
-        return {"clusters": len(counts), "total": 0}
-    p = counts / total
-    nz = p[p > 0]
-    entropy = float(-(nz * np.log(nz)).sum())
-    srt = np.sort(p)
-    n = len(p)
-    gini = float((2 * np.arange(1, n + 1) - n - 1).dot(srt) / (n * srt.sum())) if n > 1 else 0.0
-    return {
-        "clusters": n,
-        "total": int(total),
-        "entropy": round(entropy, 6),
-        "entropy_normalised": round(entropy / math.log(n), 6) if n > 1 else 1.0,
-        "gini": round(gini, 6),
-        "largest_share": round(float(p.max()), 6),
-        "smallest_share": round(float(p.min()), 6),
-        "below_threshold": int((p < min_share).sum()),
-    }
+def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The stats stage: ``cluster_stats`` on the pinned inputs, and the share summary (K numbers)."""
+    from clustermix import tableio
+    from clustermix.clusterclip import share_summary
+
+    s, lake, c = ctx.spark, ctx.lake, ctx.cfg.stats
+    df = cluster_stats(tableio.read(s, lake, "docs", inputs["docs"]), tableio.read(s, lake, "assignments", inputs["assignments"]),
+                       tableio.read(s, lake, "centroids", inputs["centroids"]), c.min_share, c.n_exemplars)
+    version = ctx.write("cluster_stats", df)
+    sizes = [r["n_docs"] for r in tableio.read(s, lake, "cluster_stats", version).select("n_docs").collect()]  # K rows
+    return {"summary": share_summary(np.array(sizes), c.min_share)}

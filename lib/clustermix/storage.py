@@ -57,17 +57,20 @@ class S3Settings:
 
 
 def configure(cfg: StorageConfig) -> None:
-    """Make ``cfg`` the process's object-store settings (called when a config is built)."""
+    """Make ``cfg`` the process's object-store settings, for the clients that open URIs on their own
+    (pyarrow, delta-rs, boto3). Called by the entry points (the CLI, a run's start), never as a side
+    effect of building a config; the engines' sessions take the settings as an argument."""
     with _lock:
         _state["cfg"] = cfg
     apply_env()
 
 
-def settings() -> S3Settings:
-    """The process's S3 settings: the ``storage`` config where it says something, else the AWS env."""
+def settings(given: StorageConfig | None = None) -> S3Settings:
+    """S3 settings from ``given`` (default: the process's, :func:`configure`) where it says something,
+    else from the AWS env."""
     from clustermix.config import StorageConfig
 
-    cfg = _state.get("cfg") or StorageConfig()
+    cfg = given or _state.get("cfg") or StorageConfig()
     endpoint = cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
     # S3-compatible servers (MinIO, Ceph, moto) want path-style URLs; AWS wants virtual-hosted ones
@@ -133,9 +136,9 @@ def delta_options(uri: str) -> dict[str, str]:
     return opts
 
 
-def spark_conf() -> dict[str, str]:
+def spark_conf(given: StorageConfig | None = None) -> dict[str, str]:
     """Spark/Hadoop settings for s3a (``s3://`` URIs are served by s3a too), and Delta's S3 LogStore."""
-    s = settings()
+    s = settings(given)
     h = "spark.hadoop.fs.s3a."
     conf = {
         "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
@@ -158,15 +161,15 @@ def spark_conf() -> dict[str, str]:
     return conf
 
 
-def ray_env() -> dict[str, str]:
+def ray_env(given: StorageConfig | None = None) -> dict[str, str]:
     """The non-secret settings Ray workers on other machines need (they read the AWS env there)."""
-    cfg = _state.get("cfg")
+    cfg = given or _state.get("cfg")
     env = {}
     if cfg is not None and cfg.endpoint:
         env["AWS_ENDPOINT_URL"] = cfg.endpoint
     if cfg is not None and cfg.region:
         env["AWS_REGION"] = cfg.region
-    if settings().allow_http:
+    if settings(given).allow_http:
         env["AWS_ALLOW_HTTP"] = "true"  # delta-rs refuses http:// endpoints without it
     return env
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clustermix.clusterclip import round_to_total
 from clustermix.search.predictor import PredictorSettings, choose, fit_predictor, predict
 
 if TYPE_CHECKING:
@@ -79,7 +80,8 @@ def run_climb(space: SearchSpace, scfg: SearchConfig, evaluate: Evaluate) -> lis
             if scfg.baseline:
                 u = space.uniform()
                 jobs.append(Proxy(it, "it1-uniform", "uniform", u, space.to_dims(u)[0], proxy_seed(scfg.seed, it, 0)))
-            dims, preds, kind = space.sample(rng, scfg.dirichlet_strength, n), [None] * n, "prior"
+            preds: list[float | None] = [None] * n
+            dims, kind = space.sample(rng, scfg.dirichlet_strength, n), "prior"
         else:
             model = fit_predictor(np.stack([r.dims for r in records]), np.array([r.score for r in records]),
                                   predictor_settings(scfg))
@@ -107,10 +109,7 @@ def apportion(weights: dict[int, float], total: int) -> dict[int, int]:
     lower cluster id)."""
     keys = sorted(k for k, w in weights.items() if w > 0)
     w = np.array([weights[k] for k in keys], dtype=np.float64)
-    real = w / w.sum() * total
-    out = np.floor(real).astype(np.int64)
-    order = np.lexsort((np.arange(len(keys)), -(real - out)))
-    out[order[: total - int(out.sum())]] += 1
+    out = round_to_total(w / w.sum() * total, total)
     return {k: int(n) for k, n in zip(keys, out, strict=True)}
 
 

@@ -4,8 +4,8 @@ Plain NumPy. A *mixture* is a weight vector over the search dimensions (clusters
 when close clusters are merged) that sums to 1. Each dimension's weight is capped by the
 repetition bound, as ClusterClip's clip: a proxy trained on ``T`` tokens may take at most
 ``clip · capacity_s`` tokens from dimension ``s``, so ``w_s <= min(1, clip · capacity_s / T)``.
-Samples are projected onto that capped simplex by the same water-filling as
-:func:`clustermix.clusterclip.water_level`: find ``λ`` with ``Σ_s min(λ·x_s, cap_s) = 1``.
+Samples are projected onto that capped simplex by the sample stage's water-filling
+(:func:`clustermix.clusterclip.water_levels`): find ``λ`` with ``Σ_s min(λ·x_s, cap_s) = 1``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clustermix.clusterclip import water_levels
 from clustermix.errors import DataError
 
 
@@ -33,17 +34,7 @@ def cap_project(x: np.ndarray, caps: np.ndarray) -> np.ndarray:
     support_cap = np.where(x > 0, caps, 0.0).sum(axis=1)
     if (support_cap < 1 - 1e-12).any():
         raise ValueError("the caps over a row's support sum to less than 1: no capped mixture exists")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(x > 0, caps / x, np.inf)  # the λ at which each dimension reaches its cap
-    order = np.argsort(ratio, axis=1, kind="stable")
-    xs, cs, rs = (np.take_along_axis(a, order, axis=1) for a in (x, caps, ratio))
-    capped_before = np.cumsum(cs, axis=1) - cs  # with dimensions 0..i-1 capped
-    rest = np.cumsum(xs[:, ::-1], axis=1)[:, ::-1]  # Σ x over dimensions i..end
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lam = np.where(rest > 0, (1.0 - capped_before) / rest, np.inf)
-    ok = lam <= rs * (1 + 1e-12)
-    first = np.argmax(ok, axis=1)
-    lam_row = lam[np.arange(len(x)), first]
+    lam_row = water_levels(x, caps)
     w = np.minimum(lam_row[:, None] * x, caps)
     return w / w.sum(axis=1, keepdims=True)
 
@@ -65,7 +56,7 @@ def dirichlet_mixtures(rng: np.random.Generator, prior: np.ndarray, strength: fl
     prior = prior / prior.sum()
     live = prior > 0
     alpha = strength * len(prior) * prior[live]
-    x = np.zeros((n, len(prior)))
+    x: np.ndarray = np.zeros((n, len(prior)))
     if n:
         x[:, live] = rng.dirichlet(alpha, size=n)
         x = np.nan_to_num(x)  # a degenerate draw (all alphas tiny) becomes the prior below

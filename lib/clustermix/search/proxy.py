@@ -137,12 +137,12 @@ def logits(model: torch.nn.ModuleDict, idx: torch.Tensor, n_heads: int) -> torch
 
     b, t = idx.shape
     x = model["tok"](idx) + model["pos"](torch.arange(t, device=idx.device))[None]
-    for blk in model["blocks"]:  # type: ignore[union-attr]
+    for blk in model["blocks"]:  # type: ignore[attr-defined]
         q, k, v = blk["qkv"](blk["ln1"](x)).view(b, t, 3, n_heads, -1).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + blk["proj"](att.transpose(1, 2).reshape(b, t, -1))
         x = x + blk["mlp"](blk["ln2"](x))
-    return model["ln_f"](x) @ model["tok"].weight.T  # type: ignore[union-attr,operator]
+    return model["ln_f"](x) @ model["tok"].weight.T
 
 
 def _loss(model: torch.nn.ModuleDict, batch: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clustermix import lake as lk
+from clustermix import tableio
 from clustermix.errors import ConfigError, DataError
 from clustermix.manifest import write_json
 from clustermix.search.climb import Proxy, ray_evaluate, run_climb
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
     from clustermix.config import Config, SearchConfig
-    from clustermix.lake import Lake, TableWriter
+    from clustermix.lake import Lake
+    from clustermix.stage import Context
+    from clustermix.tableio import TableWriter
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ MIXTURES_SCHEMA = (
 
 def best_mixture_uri(lake: Lake) -> str:
     """Where the best mixture goes: what ``blend.mixture_path`` should point at."""
-    return f"{lake.root}/search/best_mixture.json"
+    return lake.best_mixture_uri()
 
 
 def proxy_spec(scfg: SearchConfig) -> ProxySpec:
@@ -151,9 +154,9 @@ def run_search(spark: SparkSession, lake: Lake, cfg: Config, inputs: dict[str, i
     check_target(scfg)
     clip = scfg.clip or cfg.sample.clip
     pool_tokens = scfg.pool_tokens_per_cluster or scfg.proxy_tokens
-    docs = lk.read(spark, lake, "docs", inputs.get("docs"))
-    assignments = lk.read(spark, lake, "assignments", inputs.get("assignments"))
-    cents = lk.read(spark, lake, "centroids", inputs.get("centroids")).select("cluster_id", "centroid") \
+    docs = tableio.read(spark, lake, "docs", inputs.get("docs"))
+    assignments = tableio.read(spark, lake, "assignments", inputs.get("assignments"))
+    cents = tableio.read(spark, lake, "centroids", inputs.get("centroids")).select("cluster_id", "centroid") \
         .orderBy("cluster_id").collect()  # K rows
     cluster_ids = np.array([r["cluster_id"] for r in cents], dtype=np.int64)
     target_uri, pool_uri = lake.staging("search_target", run_id), lake.staging("search_pool", run_id)
@@ -206,10 +209,7 @@ def run_search(spark: SparkSession, lake: Lake, cfg: Config, inputs: dict[str, i
 
 
 def _count_rows(uri: str) -> int:
-    import pyarrow.dataset as ds
-
-    files = lk.list_parquet(uri)
-    return ds.dataset(files, format="parquet").count_rows() if files else 0
+    return sum(n or 0 for n in lk.parquet_rows(lk.list_parquet(uri)))
 
 
 def mixtures_frame(spark: SparkSession, records: list[Proxy], cluster_ids: np.ndarray, best: Proxy,
@@ -233,3 +233,13 @@ def best_document(best: Proxy, cluster_ids: np.ndarray, uniform: Proxy | None, r
         "proxy": {"tokenizer": scfg.tokenizer, "tokens": scfg.proxy_tokens, "d_model": scfg.proxy_d_model,
                   "layers": scfg.proxy_layers, "clip": clip},
     }
+
+
+def stage_inputs(ctx: Context) -> dict[str, Any]:
+    return target_fingerprint(ctx.cfg.search)
+
+
+def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The search stage: CLIMB on the pinned inputs (proxies trained as Ray tasks)."""
+    ctx.ray()
+    return run_search(ctx.spark, ctx.lake, ctx.cfg, inputs, ctx.run_id, ctx.write)

@@ -1,0 +1,97 @@
+"""Delta tables' metadata, read with delta-rs from the log alone (no Spark, no data scan): versions,
+the commit metadata that says whether a stage's output is current, files and row counts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def storage_options(uri: str) -> dict[str, str] | None:
+    """delta-rs storage options for ``uri``: None for a local path; for ``s3://`` the endpoint, region
+    and retries of :mod:`clustermix.storage` (credentials come from the AWS default chain)."""
+    from clustermix import storage
+
+    return storage.delta_options(uri) or None
+
+
+def version(uri: str) -> int | None:
+    """Latest committed version of the Delta table at ``uri``, or None when there is none."""
+    from deltalake import DeltaTable
+
+    opts = storage_options(uri)
+    if not DeltaTable.is_deltatable(uri, storage_options=opts):
+        return None
+    return DeltaTable(uri, storage_options=opts).version()
+
+
+def last_commit_meta(uri: str) -> dict[str, Any] | None:
+    """The clustermix metadata of the latest commit of ``uri`` (None if absent or foreign)."""
+    from deltalake import DeltaTable
+
+    opts = storage_options(uri)
+    if not DeltaTable.is_deltatable(uri, storage_options=opts):
+        return None
+    hist = DeltaTable(uri, storage_options=opts).history(1)
+    if not hist:
+        return None
+    raw = hist[0].get("userMetadata")
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def is_current(uris: list[str], fp: str) -> bool:
+    """True when every output's latest commit was written for fingerprint ``fp``."""
+    for uri in uris:
+        meta = last_commit_meta(uri)
+        if meta is None or meta.get("fingerprint") != fp:
+            return False
+    return True
+
+
+def num_records(uri: str, at_version: int | None = None) -> int:
+    """Row count of the latest (or a pinned) version from the Delta log alone (no data scan)."""
+    from deltalake import DeltaTable
+
+    return rows_of(DeltaTable(uri, version=at_version, storage_options=storage_options(uri)))
+
+
+def file_uris(uri: str, at_version: int | None = None) -> list[str]:
+    """The Parquet files of one version of a table, for engines that read files (Ray, pyarrow)."""
+    from deltalake import DeltaTable
+
+    files: list[str] = DeltaTable(uri, version=at_version, storage_options=storage_options(uri)).file_uris()
+    return files
+
+
+def rows_of(dt: Any) -> int:
+    """Rows of an open ``DeltaTable`` from its log's file statistics; files written without them are
+    counted from their footers."""
+    import pyarrow as pa
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return 0
+    if "num_records" in actions.column_names and actions.column("num_records").null_count == 0:
+        return int(actions.column("num_records").to_numpy().sum())
+    return int(dt.to_pyarrow_dataset().count_rows())
+
+
+def file_counts(uri: str, at_version: int | None = None) -> tuple[list[str], list[int | None]]:
+    """The Parquet files of one version and each one's row count from the log (None where a file was
+    written without statistics)."""
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(uri, version=at_version, storage_options=storage_options(uri))
+    files = dt.file_uris()
+    adds = dt.get_add_actions(flatten=True)
+    if "num_records" in adds.schema.names:
+        paths, counts = adds.column("path").to_pylist(), adds.column("num_records").to_pylist()
+        if len(paths) == len(files) and all(f.endswith("/" + p) for f, p in zip(files, paths, strict=True)):
+            return files, list(counts)
+    return files, [None] * len(files)

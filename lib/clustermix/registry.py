@@ -1,0 +1,77 @@
+"""Every stage, declared once, in pipeline order. Adding a stage is one module with a
+``run(ctx, inputs)`` plus one entry here: the runner, the CLI, the refresh and the report follow."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from clustermix.stage import Stage
+
+if TYPE_CHECKING:
+    from clustermix.config import Config
+
+
+def _has_search_target(cfg: Config) -> bool:
+    return cfg.search.target_path is not None or cfg.search.target_domain is not None
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", reads=(), writes=("docs", "quarantine", "duplicates"), fingerprint=("input", "ingest"),
+          help="raw corpus -> docs, quarantine, duplicates (Spark)",
+          run="clustermix.ingest:run", inputs="clustermix.ingest:stage_inputs"),
+    Stage("embed", reads=("docs",), writes=("embeddings",),
+          fingerprint=("embed.model", "embed.max_seq_length", "embed.long_docs", "embed.precision"),
+          help="docs -> embeddings (Ray Data actor pool of sentence-transformers)",
+          run="clustermix.embed:run"),
+    Stage("cluster", reads=("embeddings",), writes=("centroids", "assignments"),
+          fingerprint=("cluster", "embed.model"),
+          help="embeddings -> centroids, assignments (distributed FAISS k-means on Ray)",
+          run="clustermix.cluster:run"),
+    Stage("assign", reads=("embeddings", "centroids"), writes=("assignments",),
+          fingerprint=("cluster", "refresh", "embed.model"),
+          help="embeddings without an assignment -> assignments to the existing centroids, or a refit when "
+               "drift passes the refresh.* thresholds (what a refresh runs instead of cluster)",
+          run="clustermix.assign:run", inputs="clustermix.assign:stage_inputs", in_run=False),
+    Stage("stats", reads=("docs", "assignments", "centroids"), writes=("cluster_stats",), fingerprint=("stats",),
+          help="docs + assignments -> cluster_stats (Spark)", run="clustermix.stats:run"),
+    Stage("sample", reads=("cluster_stats", "assignments", "docs"), writes=("sample_plan",), fingerprint=("sample",),
+          help="cluster_stats -> sample_plan (ClusterClip, Spark)", run="clustermix.sample:run"),
+    Stage("search", reads=("docs", "assignments", "centroids"), writes=("mixtures",),
+          fingerprint=("search", "sample.clip"),
+          ignore=("search.gpus_per_proxy", "search.cpus_per_proxy", "search.torch_threads", "search.device"),
+          help="docs + assignments + a target set -> mixtures, search/best_mixture.json (CLIMB proxies on Ray)",
+          run="clustermix.search.stage:run", inputs="clustermix.search.stage:stage_inputs",
+          in_run=_has_search_target),
+    # the join strategy changes how blended is computed, never what it holds; the layout salt is the
+    # shape of blended's files (2: each file one contiguous run of positions): a change reruns old blends
+    Stage("blend", reads=("sample_plan", "cluster_stats", "assignments", "docs"), writes=("blended",),
+          fingerprint=("blend", "sample"), ignore=("blend.broadcast_max_rows",), salt={"layout": 2},
+          help="sample_plan + docs -> blended, the training mix (Spark)",
+          run="clustermix.blend:run", inputs="clustermix.blend:stage_inputs"),
+)
+
+BY_NAME = {s.name: s for s in STAGES}
+ORDER = tuple(s.name for s in STAGES)
+
+
+def get(name: str) -> Stage:
+    return BY_NAME[name]
+
+
+def producer(table: str) -> Stage:
+    """The stage that first writes ``table`` in pipeline order."""
+    return next(s for s in STAGES if table in s.writes)
+
+
+def tables() -> tuple[str, ...]:
+    """Every table a stage writes, once each, in pipeline order."""
+    return tuple(dict.fromkeys(t for s in STAGES for t in s.writes))
+
+
+def default_stages(cfg: Config) -> tuple[str, ...]:
+    """What ``clustermix run`` runs: the stages that are part of a run for this config."""
+    return tuple(s.name for s in STAGES if s.runs_in(cfg))
+
+
+def config_hash(cfg: Config, stage: str) -> str:
+    return get(stage).config_hash(cfg)
