@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import IO, Any
 
@@ -98,7 +97,6 @@ class RunLog:
         to_file.setLevel(logging.DEBUG)
         root.addHandler(to_file)
         logging.captureWarnings(True)  # library warnings are log records (py.warnings): in the file
-        warnings.simplefilter("default")
         return self
 
     def quiet_engines(self) -> None:
