@@ -253,18 +253,28 @@ def candidates(spark: SparkSession, spec: InputSpec, icfg: InputConfig) -> DataF
 
 
 def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, write: TableWriter) -> dict[str, Any]:
-    """Classify every record, write the three tables through ``write(name, df)``, prove the accounting."""
+    """Check every input file, classify every record of the usable ones, write the three tables through
+    ``write(name, df)`` and the bad files to ``bad_files``, prove the accounting of records and files."""
     from pyspark import StorageLevel
 
-    df = classify(candidates(spark, spec, cfg.input), cfg.ingest.max_chars, cfg.ingest.chars_per_token)
+    from clustermix import badfiles
+
+    checked = badfiles.check_input(spark, cfg, spec, write.lake, run_id)  # under fail: raises, writes nothing
+    df = classify(badfiles.read_candidates(spark, checked, cfg.input), cfg.ingest.max_chars,
+                  cfg.ingest.chars_per_token)
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
+        per_file = badfiles.per_file_counts(df)
         versions = {name: write(name, contracts.check(frame, name)) for name, frame in _outputs(df, run_id).items()}
     finally:
         df.unpersist()
-    result = _result(counts, versions)
+        checked.cleanup(write.lake)
+    result = {**_result(counts, versions), **badfiles.file_counts(checked, per_file)}
     verify_accounting(result, write.lake)
+    versions[badfiles.TABLE] = write(badfiles.TABLE, contracts.check(badfiles.frame(spark, checked, result, run_id),
+                                                                     badfiles.TABLE))
+    badfiles.verify(result, write.lake)
     return result
 
 
@@ -359,31 +369,39 @@ def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_
     """Ingest only ``spec.files`` into the existing tables (a nightly refresh).
 
     Each table gets one Delta transaction that replaces whatever rows came from these files before
-    (``replaceWhere`` on ``source_file``): a refresh that died half-way is redone, never doubled.
+    (``replaceWhere`` on ``source_file``): a refresh that died half-way is redone, never doubled, and
+    a file taken again (changed since) replaces its earlier rows and its earlier ``bad_files`` row.
     A new record whose text or id is already accepted is a duplicate (or a ``duplicate_id``), exactly
     as if every file had been ingested together.
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from clustermix import badfiles
     from clustermix.lake import read
 
     assert spec.files is not None
+    checked = badfiles.check_input(spark, cfg, spec, lake, run_id)  # under fail: raises, writes nothing
     replaced = sql_in(SOURCE_KEY, spark_source_uris(spark, list(spec.files)))
-    new = candidates(spark, spec, cfg.input).withColumn("_prior", F.lit(False))
+    new = badfiles.read_candidates(spark, checked, cfg.input).withColumn("_prior", F.lit(False))
     both = new.unionByName(_prior_rows(spark, lake, new, replaced))
     df = classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior"))
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
+        per_file = badfiles.per_file_counts(df)
         versions = {name: write(name, contracts.check(frame, name), replace_where=replaced)
                     for name, frame in _outputs(df, run_id).items()}
     finally:
         df.unpersist()
-    result = _result(counts, versions)
+        checked.cleanup(lake)
+    result = {**_result(counts, versions), **badfiles.file_counts(checked, per_file)}
     # count what the committed versions hold from these files (commit metrics would also count rows
     # Delta copied while rewriting a file)
     written = {name: read(spark, lake, name, v).where(replaced).count() for name, v in versions.items()}
     if sum(written.values()) != result["read"] or written["docs"] != result["accepted"]:
         raise AccountingError(f"refresh ingest lost records: read {result['read']} but wrote {written}")
+    versions[badfiles.TABLE] = write(badfiles.TABLE, contracts.check(badfiles.frame(spark, checked, result, run_id),
+                                                                     badfiles.TABLE), replace_where=replaced)
+    badfiles.verify(result)
     return result

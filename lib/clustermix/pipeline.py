@@ -36,7 +36,7 @@ STAGES = ("ingest", "embed", "cluster", "stats", "sample", "blend")
 # every stage in pipeline order; ``search`` runs in ``clustermix run`` only when a target is set
 ALL_STAGES = ("ingest", "embed", "cluster", "stats", "sample", "search", "blend")
 OUTPUTS = {
-    "ingest": ("docs", "quarantine", "duplicates"),
+    "ingest": ("docs", "quarantine", "duplicates", "bad_files"),
     "embed": ("embeddings",),
     "cluster": ("centroids", "assignments"),
     "assign": ("assignments",),  # refresh only: new documents to the existing centroids (or a refit)
