@@ -7,7 +7,8 @@ configured thresholds (or ``--recluster``). Statistics, sampling and blend then 
 result. Every step is skipped when its inputs did not change, so a refresh with nothing new
 writes no data table, and one that died half-way is completed by the next: ingest replaces the
 rows of the files it takes (never doubles them) and the ledger of taken files is written only
-after those rows are committed.
+after those rows are committed. A bad file skipped under ``ingest.on_bad_file: skip`` is taken
+too, with its reason: it is tried again when it changes, not every night while it does not.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = None,
                 spark: SparkSession | None = None) -> Run:
     """One refresh of the lake at ``cfg.lake.root`` from ``cfg.input.path`` (see the module doc)."""
+    from clustermix.badfiles import bad_in
     from clustermix.ingest import InputSpec, resolve_input
 
     if cfg.input.format == "delta":
@@ -51,7 +53,7 @@ def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = No
             assert run.input_spec is not None
             files = run.input_spec.listing["files"]
             run.manifest["inputs_taken"] = sorted(files)
-            runs.record_taken(run.lake, files, run.run_id)
+            runs.record_taken(run.lake, files, run.run_id, bad_in(run.lake, list(files)))
         else:
             new = runs.new_files(spec.listing["files"], taken)
             run.manifest["inputs_taken"] = sorted(new)
@@ -61,7 +63,7 @@ def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = No
                 run.input_spec = InputSpec(spec.path, spec.format, inc.listing, files=tuple(inc.spark_files()))
                 run.run_stage("ingest", _ingest_increment, {"input": {"files": new}, "path": spec.path,
                                                             "mode": "increment"}, then="embed")
-                runs.record_taken(run.lake, new, run.run_id)
+                runs.record_taken(run.lake, new, run.run_id, bad_in(run.lake, list(new)))
             else:
                 run.manifest["stages"]["ingest"] = {"status": "skipped", "reason": "no new input files"}
             run_one(run, "embed", stages, then="assign")
