@@ -255,6 +255,31 @@ def test_every_file_bad_is_an_input_error_even_under_skip(tmp_path: Path, spark:
                    ("ingest",), spark=spark)
 
 
+def test_a_file_spark_cannot_read_past_a_sound_footer_is_caught_too(tmp_path: Path, spark: Any) -> None:
+    """The checks read footers, not data pages: a page corrupted behind a sound footer is found by Spark's
+    read, which becomes the same answer (one line under fail; under skip, read again without it)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _parquet(folder / "a-pages.parquet", id=[f"p{i}" for i in range(2000)], text=[f"text {i} " * 20 for i in range(2000)])
+    raw = bytearray((folder / "a-pages.parquet").read_bytes())
+    for i in range(200, 20000, 7):  # the column chunks; the footer at the end stays intact
+        raw[i] ^= 0x5A
+    (folder / "a-pages.parquet").write_bytes(bytes(raw))
+    _parquet(folder / "b.parquet", id=["b1", "b2"], text=["good one", "good two"])
+    assert _check(folder / "a-pages.parquet", "parquet").reason is None  # the footer check cannot see it
+    cfg = make_config(tmp_path / "lake", str(folder), input={"format": "parquet"}, ingest={"on_bad_file": "fail"})
+    with pytest.raises(BadInputFile, match=r"bad input file .*a-pages\.parquet: corrupt: Spark cannot read it") as e:
+        run_stages(cfg, ("ingest",), spark=spark)
+    assert "\n" not in str(e.value) and lk.version(str(tmp_path / "lake" / "docs")) is None
+    run = run_stages(make_config(tmp_path / "lake", str(folder), input={"format": "parquet"}), ("ingest",),
+                     spark=spark)
+    c = run.manifest["stages"]["ingest"]["counts"]
+    assert _ids(spark, run.lake) == {"b1", "b2"}
+    assert (c["files_seen"], c["files_skipped"], c["files_by_reason"]) == (2, 1, {"corrupt": 1})
+    assert [(Path(r["path"]).name, r["reason"]) for r in lk.read(spark, run.lake, "bad_files").collect()] == [
+        ("a-pages.parquet", "corrupt")]
+
+
 # --- a full run: a Delta table ---------------------------------------------------------------------
 
 

@@ -29,6 +29,8 @@ from clustermix.errors import AccountingError, InputError
 from clustermix.filecheck import Verdict
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyspark import SparkContext
     from pyspark.sql import DataFrame, SparkSession
 
@@ -99,10 +101,7 @@ def check_input(spark: SparkSession, cfg: Config, spec: InputSpec, lake: Lake, r
         raise BadInputFile(f"bad input file {_shown(spec, first.path)}: {first.reason}: {first.detail}{more}; "
                            "nothing was written: repair or remove it, or set ingest.on_bad_file=skip to ingest "
                            "the other files and record it in the bad_files table")
-    if bad and all(v.status == "skipped" for v in verdicts) and spec.files is None:
-        first = bad[0]
-        raise BadInputFile(f"no input file can be read: all {len(verdicts)} are bad, the first "
-                           f"{_shown(spec, first.path)}: {first.reason}: {first.detail}")
+    _some_usable(checked)
     if bad and spec.format == "delta":
         _delta_readable_without(spec, bad)
     for v in bad[:SHOWN]:
@@ -111,6 +110,14 @@ def check_input(spark: SparkSession, cfg: Config, spec: InputSpec, lake: Lake, r
     if len(bad) > SHOWN:
         log.warning("ingest: and %d more bad input files (see the %s table)", len(bad) - SHOWN, TABLE)
     return checked
+
+
+def _some_usable(checked: Checked) -> None:
+    """A full run needs at least one usable file, whatever ``on_bad_file`` (a refresh may take none)."""
+    bad = checked.bad
+    if bad and all(v.status == "skipped" for v in checked.verdicts) and checked.spec.files is None:
+        raise BadInputFile(f"no input file can be read: all {len(checked.verdicts)} are bad, the first "
+                           f"{_shown(checked.spec, bad[0].path)}: {bad[0].reason}: {bad[0].detail}")
 
 
 def _in_hidden_folder(base: str, path: str) -> bool:
@@ -299,6 +306,64 @@ def _spark_spelling(uri: str) -> str:
     """The normal form of :data:`clustermix.ingest.SOURCE_KEY` (``file:///x``) as Spark's
     ``_metadata.file_path`` spells it (``file:/x``)."""
     return re.sub(r"^file:///", "file:/", uri)
+
+
+RETRIES = 10  # files found unreadable while reading, after their checks passed, before a run gives up
+_FAILED_FILE = re.compile(r"Encountered error while reading file (\S+?)\.?\s+SQLSTATE")
+
+
+def read_counted(spark: SparkSession, checked: Checked, cfg: Config, classified: Callable[[DataFrame], DataFrame]
+                 ) -> tuple[DataFrame, dict[tuple[str, str | None], int], dict[str, dict[str, int]], Checked]:
+    """Classify the usable files' records (``classified(candidates)``), persist them and count them by
+    outcome and reason and by file, before anything is written.
+
+    The safety net of the checks: a file whose checks passed but that Spark cannot read (a corrupt data
+    page past the footer, a file that changed during the run) stops the run with one line naming it
+    under ``fail``; under ``skip`` it becomes a bad file and the read is redone without it."""
+    from pyspark import StorageLevel
+
+    for _ in range(RETRIES + 1):
+        df = classified(read_candidates(spark, checked, cfg.input)).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = {(r["outcome"], r["reason"]): r["count"]
+                      for r in df.groupBy("outcome", "reason").count().collect()}
+            return df, counts, per_file_counts(df), checked
+        except Exception as exc:
+            df.unpersist()
+            failed = _failed_file(exc, checked)
+            if failed is None:
+                raise
+            log.debug("ingest: Spark cannot read input file %s", failed.path, exc_info=exc)
+            checked = _drop(checked, failed, cfg.ingest.on_bad_file)
+    raise BadInputFile(f"more than {RETRIES} input files could not be read by Spark although their checks "
+                       f"passed, the last {_shown(checked.spec, checked.bad[-1].path)}; see the log")
+
+
+def _failed_file(exc: Exception, checked: Checked) -> Verdict | None:
+    """The good file a Spark read failure names, as a bad verdict (None: not a file's failure)."""
+    msg = str(exc)
+    m = _FAILED_FILE.search(msg)
+    path = listed_path(m.group(1)) if m else None
+    v = next((v for v in checked.verdicts if v.path == path and v.reason is None), None)
+    if v is None:
+        return None
+    cause = re.findall(r"Caused by: ([^\n]+)", msg)
+    why = cause[-1].strip()[:300] if cause else "see the log"
+    reason = "unreadable" if "FileNotFound" in why else "corrupt"
+    return replace(v, reason=reason, detail=f"Spark cannot read it although its footer or header is sound: {why}")
+
+
+def _drop(checked: Checked, failed: Verdict, mode: str) -> Checked:
+    """``checked`` with ``failed`` as a bad file; raises under ``fail`` or when nothing usable is left."""
+    spec = checked.spec
+    if mode == "fail":
+        raise BadInputFile(f"bad input file {_shown(spec, failed.path)}: {failed.reason}: {failed.detail}; nothing "
+                           "was written: repair or remove it, or set ingest.on_bad_file=skip to ingest the other "
+                           "files and record it in the bad_files table")
+    checked = replace(checked, verdicts=[failed if v.path == failed.path else v for v in checked.verdicts])
+    _some_usable(checked)
+    log.warning("ingest: skipped input file %s: %s: %s", _shown(spec, failed.path), failed.reason, failed.detail)
+    return checked
 
 
 # --- accounting ----------------------------------------------------------------------------------

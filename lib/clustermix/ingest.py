@@ -255,17 +255,12 @@ def candidates(spark: SparkSession, spec: InputSpec, icfg: InputConfig) -> DataF
 def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, write: TableWriter) -> dict[str, Any]:
     """Check every input file, classify every record of the usable ones, write the three tables through
     ``write(name, df)`` and the bad files to ``bad_files``, prove the accounting of records and files."""
-    from pyspark import StorageLevel
-
     from clustermix import badfiles
 
     checked = badfiles.check_input(spark, cfg, spec, write.lake, run_id)  # under fail: raises, writes nothing
-    df = classify(badfiles.read_candidates(spark, checked, cfg.input), cfg.ingest.max_chars,
-                  cfg.ingest.chars_per_token)
-    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    df, counts, per_file, checked = badfiles.read_counted(
+        spark, checked, cfg, lambda c: classify(c, cfg.ingest.max_chars, cfg.ingest.chars_per_token))
     try:
-        counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
-        per_file = badfiles.per_file_counts(df)
         versions = {name: write(name, contracts.check(frame, name)) for name, frame in _outputs(df, run_id).items()}
     finally:
         df.unpersist()
@@ -374,7 +369,6 @@ def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_
     A new record whose text or id is already accepted is a duplicate (or a ``duplicate_id``), exactly
     as if every file had been ingested together.
     """
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from clustermix import badfiles
@@ -383,13 +377,14 @@ def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_
     assert spec.files is not None
     checked = badfiles.check_input(spark, cfg, spec, lake, run_id)  # under fail: raises, writes nothing
     replaced = sql_in(SOURCE_KEY, spark_source_uris(spark, list(spec.files)))
-    new = badfiles.read_candidates(spark, checked, cfg.input).withColumn("_prior", F.lit(False))
-    both = new.unionByName(_prior_rows(spark, lake, new, replaced))
-    df = classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior"))
-    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+
+    def classified(records: DataFrame) -> DataFrame:
+        new = records.withColumn("_prior", F.lit(False))
+        both = new.unionByName(_prior_rows(spark, lake, new, replaced))
+        return classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior"))
+
+    df, counts, per_file, checked = badfiles.read_counted(spark, checked, cfg, classified)
     try:
-        counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
-        per_file = badfiles.per_file_counts(df)
         versions = {name: write(name, contracts.check(frame, name), replace_where=replaced)
                     for name, frame in _outputs(df, run_id).items()}
     finally:
