@@ -289,3 +289,53 @@ def test_whole_pipeline_with_input_and_lake_on_s3(s3, tmp_path, bbc_slice):
     recorded = runs.read_runs(lk.Lake(root))
     assert [(r["mode"], r["outcome"]) for r in recorded] == [("run", "succeeded"), ("bootstrap", "succeeded"),
                                                               ("refresh", "succeeded")]
+
+
+@pytest.mark.slow
+def test_bad_input_files_on_s3_are_checked_by_executors_and_skipped(s3, tmp_path):
+    """Input and lake on s3://: the executors check each file through the configured endpoint, a gzip
+    cut short keeps its complete records (staged under the lake on S3), a file that is not gzip is
+    skipped and recorded; the console shows one line per bad file and no trace."""
+    import gzip
+    import zlib
+
+    from clustermix.manifest import read_json
+
+    body = "".join(json.dumps({"id": f"c{i}", "text": f"cut document {i} " * 10}) + "\n" for i in range(80))
+    whole = gzip.compress(body.encode())
+    cut = whole[: len(whole) // 2]
+    kept = zlib.decompressobj(wbits=31).decompress(cut).count(b"\n")
+    filesystem, _ = lk.open_fs(f"s3://{BUCKET}")
+    files = {"a.jsonl": "".join(json.dumps({"id": f"a{i}", "text": f"whole document {i}"}) + "\n"
+                                for i in range(6)).encode(), "b-cut.jsonl.gz": cut, "c-fake.jsonl.gz": b"plain"}
+    for name, data in files.items():
+        with filesystem.open_output_stream(f"{BUCKET}/raw/bad/{name}", compression=None) as fh:  # bytes as given
+            fh.write(data)
+    root = f"s3://{BUCKET}/lake-bad"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(make_config(root, f"s3://{BUCKET}/raw/bad/").to_dict()))
+    proc = subprocess.run([*CLI, "ingest", "--config", str(cfg)], check=False, env={**env_for(s3.endpoint),
+                          "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out and "Py4JJavaError" not in out
+    assert f"skipped input file s3://{BUCKET}/raw/bad/c-fake.jsonl.gz: wrong_format" in out, out[-6000:]
+    manifest = read_json(next(ln for ln in proc.stdout.splitlines() if ln.startswith("manifest: ")).removeprefix(
+        "manifest: "))
+    c = manifest["stages"]["ingest"]["counts"]
+    assert (c["accepted"], c["files_seen"], c["files_ingested"], c["files_skipped"]) == (6 + kept, 3, 2, 1)
+    assert c["per_file"][f"{BUCKET}/raw/bad/b-cut.jsonl.gz"]["read"] == kept
+    from deltalake import DeltaTable
+
+    bad = DeltaTable(f"{root}/bad_files", storage_options=deltalog.storage_options(root)).to_pyarrow_table().to_pylist()
+    assert sorted((r["path"], r["reason"], r["status"]) for r in bad) == [
+        (f"s3://{BUCKET}/raw/bad/b-cut.jsonl.gz", "truncated", "partial"),
+        (f"s3://{BUCKET}/raw/bad/c-fake.jsonl.gz", "wrong_format", "skipped")]
+    sources = {r["source_file"] for r in DeltaTable(f"{root}/docs", storage_options=deltalog.storage_options(root))
+               .to_pyarrow_table(columns=["source_file"]).to_pylist()}
+    assert sources == {f"s3a://{BUCKET}/raw/bad/a.jsonl", f"s3a://{BUCKET}/raw/bad/b-cut.jsonl.gz"}
+    from pyarrow import fs as pafs
+
+    staged = filesystem.get_file_info(pafs.FileSelector(f"{BUCKET}/lake-bad/_staging", recursive=True,
+                                                        allow_not_found=True))
+    assert [i.path for i in staged if i.type == pafs.FileType.File] == []  # the staging copy is gone

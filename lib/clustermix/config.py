@@ -95,6 +95,10 @@ class InputConfig(_Section):
 class IngestConfig(_Section):
     max_chars: int = Field(1_000_000, ge=1)
     chars_per_token: float = Field(4.0, gt=0)
+    # a bad input file (not its format, unreadable, cut short, columns that do not fit): "skip" ingests
+    # the rest and records it in the bad_files table (a landing folder's bad upload must not stop every
+    # night); "fail" stops before anything is written (clustermix.badfiles)
+    on_bad_file: Literal["skip", "fail"] = "skip"
 
 
 class EmbedConfig(_Section):

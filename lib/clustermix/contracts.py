@@ -21,6 +21,10 @@ CONTRACTS: dict[str, dict[str, str]] = {
     },
     "quarantine": {"raw": "string", "reason": "string", "source_file": "string", "run_id": "string"},
     "duplicates": {"id": "string", "duplicate_of": "string", "source_file": "string", "run_id": "string"},
+    "bad_files": {
+        "path": "string", "source_file": "string", "size": "bigint", "reason": "string", "detail": "string",
+        "status": "string", "records": "bigint", "run_id": "string",
+    },
     "embeddings": {"id": "string", "embedding": "array<float>", "model": "string"},
     "centroids": {
         "cluster_id": "int", "centroid": "array<float>", "k": "int", "niter": "int", "seed": "bigint",

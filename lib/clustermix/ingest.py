@@ -11,13 +11,14 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from clustermix import contracts
-from clustermix.errors import AccountingError, InputError
+from clustermix.errors import AccountingError
 from clustermix.inputs import InputSpec, resolve_input
+from clustermix.readers import SOURCE_KEY, spark_source_uris, sql_in
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
-    from clustermix.config import Config, InputConfig
+    from clustermix.config import Config
     from clustermix.lake import Lake
     from clustermix.stage import Context
     from clustermix.tableio import TableWriter
@@ -31,112 +32,6 @@ REASONS = (
 )
 _NUMERIC = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL.*)$"
 _INTEGRAL = r"^(TINYINT|SMALLINT|INT|BIGINT|DECIMAL\(\d+,0\))$"
-
-
-def _vpath(field: str) -> str:
-    return f"$['{field}']"
-
-
-def _lines(spark: SparkSession, spec: InputSpec) -> DataFrame:
-    """JSON lines as normalised candidate records (one row per non-blank line)."""
-    from pyspark.sql import functions as F
-
-    raw = (
-        # only \n ends a record: Spark's default also splits on a bare \r, which would cut a record
-        # in two (a CRLF's \r is stripped below)
-        spark.read.option("recursiveFileLookup", "true").option("pathGlobFilter", "[!._]*")
-        .option("lineSep", "\n").text(list(spec.files) if spec.files is not None else spec.path)
-        .select(
-            F.col("value"),
-            F.col("_metadata.file_path").alias("source_file"),
-            F.col("_metadata.file_block_start").alias("_block"),
-            F.monotonically_increasing_id().alias("_row"),
-        )
-    )
-    valid = F.expr("is_valid_utf8(value)")
-    line = F.when(valid, F.regexp_replace(F.regexp_replace("value", "^\uFEFF", ""), "\r$", ""))
-    return raw.select(
-        valid.alias("_utf8"),
-        line.alias("_line"),
-        F.when(valid, line).otherwise(F.expr("make_valid_utf8(value)")).alias("raw"),
-        "source_file", "_block", "_row",
-    ).where(~(F.col("_utf8") & F.col("_line").rlike(r"(?U)^\s*$")))
-
-
-def _from_json(df: DataFrame, icfg: InputConfig) -> DataFrame:
-    from pyspark.sql import functions as F
-
-    v = F.expr("try_parse_json(_line)")
-    df = df.withColumn("_v", v)
-
-    def kind(field: str | None) -> Column:
-        if field is None:
-            return F.lit(None).cast("string")
-        return F.expr(f"schema_of_variant(variant_get(_v, \"{_vpath(field)}\"))")
-
-    def get(field: str | None, typ: str) -> Column:
-        if field is None:
-            return F.lit(None).cast(typ)
-        return F.expr(f"try_variant_get(_v, \"{_vpath(field)}\", '{typ}')")
-
-    return df.select(
-        "raw", "source_file", "_block", "_row", "_utf8",
-        F.col("_v").isNotNull().alias("_parsed"),
-        F.expr("schema_of_variant(_v)").startswith("OBJECT").alias("_object"),
-        kind(icfg.id_field).alias("_id_kind"), get(icfg.id_field, "string").alias("_id"),
-        kind(icfg.text_field).alias("_text_kind"), get(icfg.text_field, "string").alias("_text"),
-        kind(icfg.quality_field).alias("_q_kind"), get(icfg.quality_field, "double").alias("_q"),
-        get(icfg.domain_field, "string").alias("domain"), get(icfg.lang_field, "string").alias("lang"),
-    )
-
-
-def _columnar(spark: SparkSession, spec: InputSpec, icfg: InputConfig) -> DataFrame:
-    """Parquet or Delta rows as the same normalised candidate records."""
-    from pyspark.sql import functions as F
-
-    reader = spark.read.format(spec.format)
-    if spec.format == "parquet":
-        reader = reader.option("recursiveFileLookup", "true").option("pathGlobFilter", "[!._]*")
-    df = reader.load(list(spec.files)) if spec.files is not None else reader.load(spec.path)
-    names = set(df.columns)
-    if icfg.text_field not in names:
-        raise InputError(
-            f"{_first_file(spec)}: column {icfg.text_field!r} (input.text_field) not found; columns: {sorted(names)}")
-    types = {f.name: f.dataType.simpleString() for f in df.schema.fields}
-
-    def kind(field: str | None) -> Column:
-        if field is None or field not in names:
-            return F.lit(None).cast("string")
-        t = types[field].upper()
-        return F.when(F.col(field).isNull(), F.lit("VOID")).otherwise(F.lit("STRING" if t == "STRING" else t))
-
-    def get(field: str | None, typ: str) -> Column:
-        if field is None or field not in names:
-            return F.lit(None).cast(typ)
-        return F.expr(f"try_cast(`{field}` AS {typ})")
-
-    text_col = F.col(icfg.text_field)
-    if types[icfg.text_field] == "binary":
-        text_kind = F.when(text_col.isNull(), "VOID").otherwise("STRING")
-        utf8 = F.coalesce(F.expr(f"is_valid_utf8(cast(`{icfg.text_field}` AS string))"), F.lit(True))
-    else:
-        text_kind, utf8 = kind(icfg.text_field), F.lit(True)
-    return df.select(
-        F.expr("make_valid_utf8(to_json(struct(*)))").alias("raw"),
-        F.col("_metadata.file_path").alias("source_file"),
-        F.col("_metadata.file_block_start").alias("_block"),
-        F.monotonically_increasing_id().alias("_row"),
-        utf8.alias("_utf8"), F.lit(True).alias("_parsed"), F.lit(True).alias("_object"),
-        kind(icfg.id_field).alias("_id_kind"), get(icfg.id_field, "string").alias("_id"),
-        text_kind.alias("_text_kind"), get(icfg.text_field, "string").alias("_text"),
-        kind(icfg.quality_field).alias("_q_kind"), get(icfg.quality_field, "double").alias("_q"),
-        get(icfg.domain_field, "string").alias("domain"), get(icfg.lang_field, "string").alias("lang"),
-    )
-
-
-def _first_file(spec: InputSpec) -> str:
-    files = sorted(spec.listing.get("files", {}))
-    return files[0] if files else spec.path
 
 
 def classify(df: DataFrame, max_chars: int, chars_per_token: float) -> DataFrame:
@@ -196,26 +91,24 @@ def classify(df: DataFrame, max_chars: int, chars_per_token: float) -> DataFrame
         "n_tokens", F.ceil(F.char_length(text) / F.lit(chars_per_token)).cast("bigint"))
 
 
-def candidates(spark: SparkSession, spec: InputSpec, icfg: InputConfig) -> DataFrame:
-    """Read the raw corpus as normalised candidate records, whatever its format."""
-    if spec.format == "jsonl":
-        return _from_json(_lines(spark, spec), icfg)
-    return _columnar(spark, spec, icfg)
-
-
 def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, write: TableWriter) -> dict[str, Any]:
-    """Classify every record, write the three tables through ``write(name, df)``, prove the accounting."""
-    from pyspark import StorageLevel
+    """Check every input file, classify every record of the usable ones, write the three tables through
+    ``write(name, df)`` and the bad files to ``bad_files``, prove the accounting of records and files."""
+    from clustermix import badfiles
 
-    df = classify(candidates(spark, spec, cfg.input), cfg.ingest.max_chars, cfg.ingest.chars_per_token)
-    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    checked = badfiles.check_input(spark, cfg, spec, write.lake, run_id)  # under fail: raises, writes nothing
+    df, counts, per_file, checked = badfiles.read_counted(
+        spark, checked, cfg, lambda c: classify(c, cfg.ingest.max_chars, cfg.ingest.chars_per_token))
     try:
-        counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
         versions = {name: write(name, contracts.check(frame, name)) for name, frame in _outputs(df, run_id).items()}
     finally:
         df.unpersist()
-    result = _result(counts, versions)
+        checked.cleanup(write.lake)
+    result = {**_result(counts, versions), **badfiles.file_counts(checked, per_file)}
     verify_accounting(result, write.lake)
+    versions[badfiles.TABLE] = write(badfiles.TABLE, contracts.check(badfiles.frame(spark, checked, result, run_id),
+                                                                     badfiles.TABLE))
+    badfiles.verify(result, write.lake)
     return result
 
 
@@ -260,31 +153,6 @@ def verify_accounting(result: dict[str, Any], lake: Lake) -> None:
             f"duplicates={written['duplicates']} quarantine={written['quarantine']}")
 
 
-# ``source_file`` as stored (Spark's ``_metadata.file_path``) spells a local file ``file:/x``, while a
-# qualified Hadoop path spells it ``file:///x``: rows are matched on this normal form of both.
-SOURCE_KEY = "regexp_replace(source_file, '^file:/+', 'file:///')"
-
-
-def spark_source_uris(spark: SparkSession, paths: list[str]) -> list[str]:
-    """``paths`` qualified and URL-encoded as Spark records them, in the normal form of :data:`SOURCE_KEY`,
-    so the rows already ingested from them can be found."""
-    import re
-
-    jvm: Any = spark._jvm
-    conf = spark._jsc.hadoopConfiguration()
-    out = []
-    for p in paths:
-        hp = jvm.org.apache.hadoop.fs.Path(p)
-        out.append(re.sub(r"^file:/+", "file:///", str(hp.getFileSystem(conf).makeQualified(hp).toUri().toString())))
-    return out
-
-
-def sql_in(column: str, values: list[str]) -> str:
-    """A SQL ``column IN (...)`` predicate over string literals (escaped for Spark SQL)."""
-    lits = ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
-    return f"{column} IN ({lits})"
-
-
 def _prior_rows(spark: SparkSession, lake: Lake, new: DataFrame, replaced: str) -> DataFrame:
     """Accepted documents (not from files being re-taken) that share an id or a text with a new record,
     shaped as candidate records; found with semi-joins so the docs table is scanned, not shuffled."""
@@ -311,33 +179,41 @@ def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_
     """Ingest only ``spec.files`` into the existing tables (a nightly refresh).
 
     Each table gets one Delta transaction that replaces whatever rows came from these files before
-    (``replaceWhere`` on ``source_file``): a refresh that died half-way is redone, never doubled.
+    (``replaceWhere`` on ``source_file``): a refresh that died half-way is redone, never doubled, and
+    a file taken again (changed since) replaces its earlier rows and its earlier ``bad_files`` row.
     A new record whose text or id is already accepted is a duplicate (or a ``duplicate_id``), exactly
     as if every file had been ingested together.
     """
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from clustermix import badfiles
     from clustermix.tableio import read
 
     assert spec.files is not None
+    checked = badfiles.check_input(spark, cfg, spec, lake, run_id)  # under fail: raises, writes nothing
     replaced = sql_in(SOURCE_KEY, spark_source_uris(spark, list(spec.files)))
-    new = candidates(spark, spec, cfg.input).withColumn("_prior", F.lit(False))
-    both = new.unionByName(_prior_rows(spark, lake, new, replaced))
-    df = classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior"))
-    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+
+    def classified(records: DataFrame) -> DataFrame:
+        new = records.withColumn("_prior", F.lit(False))
+        both = new.unionByName(_prior_rows(spark, lake, new, replaced))
+        return classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior"))
+
+    df, counts, per_file, checked = badfiles.read_counted(spark, checked, cfg, classified)
     try:
-        counts = {(r["outcome"], r["reason"]): r["count"] for r in df.groupBy("outcome", "reason").count().collect()}
         versions = {name: write(name, contracts.check(frame, name), replace_where=replaced)
                     for name, frame in _outputs(df, run_id).items()}
     finally:
         df.unpersist()
-    result = _result(counts, versions)
+        checked.cleanup(lake)
+    result = {**_result(counts, versions), **badfiles.file_counts(checked, per_file)}
     # count what the committed versions hold from these files (commit metrics would also count rows
     # Delta copied while rewriting a file)
     written = {name: read(spark, lake, name, v).where(replaced).count() for name, v in versions.items()}
     if sum(written.values()) != result["read"] or written["docs"] != result["accepted"]:
         raise AccountingError(f"refresh ingest lost records: read {result['read']} but wrote {written}")
+    versions[badfiles.TABLE] = write(badfiles.TABLE, contracts.check(badfiles.frame(spark, checked, result, run_id),
+                                                                     badfiles.TABLE), replace_where=replaced)
+    badfiles.verify(result)
     return result
 
 

@@ -7,7 +7,8 @@ configured thresholds (or ``--recluster``). Statistics, sampling and blend then 
 result. Every step is skipped when its inputs did not change, so a refresh with nothing new
 writes no data table, and one that died half-way is completed by the next: ingest replaces the
 rows of the files it takes (never doubles them) and the ledger of taken files is written only
-after those rows are committed.
+after those rows are committed. A bad file skipped under ``ingest.on_bad_file: skip`` is taken
+too, with its reason: it is tried again when it changes, not every night while it does not.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = None,
                 spark: SparkSession | None = None) -> Run:
     """One refresh of the lake at ``cfg.lake.root`` from ``cfg.input.path`` (see the module doc)."""
+    from clustermix.badfiles import bad_in
+
     if cfg.input.format == "delta":
         raise InputError("refresh takes new files of a jsonl or parquet input; for a Delta input table use "
                          "`clustermix run`")
@@ -45,8 +48,9 @@ def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = No
             run.input_spec = spec
             files = spec.listing["files"]
             run.manifest["inputs_taken"] = sorted(files)
+
             def after_ingest() -> None:
-                runs.record_taken(run.lake, files, run.run_id)
+                runs.record_taken(run.lake, files, run.run_id, bad_in(run.lake, list(files)))
                 check_k(run)
 
             run.run_in_order(stages, after={"ingest": after_ingest})
@@ -61,7 +65,8 @@ def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = No
             inc = InputSpec(spec.path, spec.format, {"files": new})
             run.input_spec = InputSpec(spec.path, spec.format, inc.listing, files=tuple(inc.spark_files()))
             # the ledger is written only once the new files' rows are committed
-            run.run_in_order(order, after={"ingest": lambda: runs.record_taken(run.lake, new, run.run_id)})
+            run.run_in_order(order, after={
+                "ingest": lambda: runs.record_taken(run.lake, new, run.run_id, bad_in(run.lake, list(new)))})
         else:
             run.manifest["stages"]["ingest"] = {"status": "skipped", "reason": "no new input files"}
             run.run_in_order([s for s in order if s != "ingest"])

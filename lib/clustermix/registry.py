@@ -16,8 +16,9 @@ def _has_search_target(cfg: Config) -> bool:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", reads=(), writes=("docs", "quarantine", "duplicates"), fingerprint=("input", "ingest"),
-          help="raw corpus -> docs, quarantine, duplicates (Spark)",
+    Stage("ingest", reads=(), writes=("docs", "quarantine", "duplicates", "bad_files"),
+          fingerprint=("input", "ingest"),
+          help="raw corpus -> docs, quarantine, duplicates; unreadable input files -> bad_files (Spark)",
           run="clustermix.ingest:run", inputs="clustermix.ingest:stage_inputs"),
     Stage("embed", reads=("docs",), writes=("embeddings",),
           fingerprint=("embed.model", "embed.max_seq_length", "embed.long_docs", "embed.precision"),

@@ -180,10 +180,29 @@ def _accounting(run: _Run) -> dict[str, Any]:
         return {"available": False}
     acc["available"] = True
     acc["balanced"] = acc["read"] == acc["accepted"] + acc["duplicates"] + acc["quarantined"]
+    acc["files"] = _files(run, counts)
     acc["tables"] = tables
     acc["matches_tables"] = tables == {"docs": acc["accepted"], "duplicates": acc["duplicates"],
                                        "quarantine": acc["quarantined"]}
     return acc
+
+
+BAD_FILES_SHOWN = 500
+
+
+def _files(run: _Run, counts: dict[str, Any]) -> dict[str, Any]:
+    """File accounting (seen = ingested + skipped, from the manifest) and the bad files the ``bad_files``
+    table holds at this run's version (in a refresh: every night's), the first ``BAD_FILES_SHOWN``."""
+    out: dict[str, Any] = {"available": "files_seen" in counts}
+    for k in ("files_seen", "files_ingested", "files_skipped", "files_partial", "files_by_reason", "casts"):
+        out[k] = counts.get(k)
+    if out["available"]:
+        out["balanced"] = counts["files_seen"] == counts["files_ingested"] + counts["files_skipped"]
+    dt = run.table("bad_files")
+    cols = ["path", "size", "reason", "detail", "status", "records", "run_id"]
+    out["bad_files"] = [] if dt is None else dt.to_pyarrow_dataset().head(BAD_FILES_SHOWN, columns=cols).to_pylist()
+    out["bad_files_total"] = 0 if dt is None else rows_of(dt)
+    return out
 
 
 def _histogram(run: _Run, sample: dict[str, Any], n_docs: int) -> tuple[dict[str, int] | None, str | None]:

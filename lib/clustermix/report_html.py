@@ -72,6 +72,10 @@ def _glance(rep: dict[str, Any]) -> str:
         items.append(f"Input: {_n(acc['read'])} records read, {_n(acc['accepted'])} accepted, "
                      f"{_n(acc['duplicates'])} duplicates, {_n(acc['quarantined'])} quarantined; "
                      f"read = accepted + duplicates + quarantined {_ok(acc['balanced'])}")
+        files = acc.get("files") or {}
+        if files.get("available"):
+            items.append(f"Input files: {_n(files['files_seen'])} seen, {_n(files['files_ingested'])} ingested "
+                         f"({_n(files['files_partial'])} cut short), {_n(files['files_skipped'])} skipped as bad")
     if cl.get("available"):
         under = rep["under_represented"]
         items.append(f"Clusters: k = {cl['k']}; {len(under['below_threshold'])} below the "
@@ -98,7 +102,29 @@ def _accounting(acc: dict[str, Any]) -> str:
             + f"<p>read = accepted + duplicates + quarantined {_ok(acc['balanced'])}; the committed tables hold "
             f"{_n(acc['tables'].get('docs'))} docs, {_n(acc['tables'].get('duplicates'))} duplicates and "
             f"{_n(acc['tables'].get('quarantine'))} quarantined records {_ok(acc['matches_tables'])}. "
-            f'<span class="muted">Source: {_e(acc["source"])}.</span></p>')
+            f'<span class="muted">Source: {_e(acc["source"])}.</span></p>' + _files(acc.get("files") or {}))
+
+
+def _files(f: dict[str, Any]) -> str:
+    """Input files: seen = ingested + skipped, the casts read, and every bad file with its reason."""
+    text = ""
+    if f.get("available"):
+        reasons = ", ".join(f"{_e(r)} {_n(c)}" for r, c in (f["files_by_reason"] or {}).items()) or "none"
+        text += (f"<h3>Input files</h3><p>{_n(f['files_seen'])} seen = {_n(f['files_ingested'])} ingested "
+                 f"({_n(f['files_partial'])} of them cut short: their complete records only) + "
+                 f"{_n(f['files_skipped'])} skipped {_ok(f['balanced'])}. Bad files by reason: {reasons}.</p>")
+        if f.get("casts"):
+            text += ("<p>Columns read through a safe cast: " + "; ".join(
+                f"<code>{_e(c)}</code> in {_n(n)} file(s)" for c, n in f["casts"].items()) + ".</p>")
+    rows = [[f'<code>{_e(b["path"])}</code>', _n(b["size"]), _e(b["reason"]), _e(b["detail"]), _e(b["status"]),
+             _n(b["records"]), _e(b["run_id"])] for b in f.get("bad_files") or []]
+    if rows:
+        more = f" (the first {len(rows)} of {_n(f['bad_files_total'])})" if f["bad_files_total"] > len(rows) else ""
+        text += (f'<div class="advice"><b>Bad input files{more}</b>: left out (skipped) or read only up to where '
+                 "they are cut short (partial). Repair or replace a file to have it taken again: a refresh "
+                 "takes a file again when it changes.</div>"
+                 + _table(["file", "bytes", "reason", "detail", "status", "records read", "run"], rows, (1, 5)))
+    return text
 
 
 def _top_domains(domains: dict[str, int], n: int = 3) -> str:

@@ -2,8 +2,9 @@
 
 - ``runs``: one row per run (``run``, ``refresh``, a stage command), whatever its outcome: what it
   took, what it counted, which table versions it left, and the refresh's drift decision.
-- ``input_files``: the ledger of input files a refresh has ingested (path, size, mtime), so the next
-  refresh takes only files that are new or changed since.
+- ``input_files``: the ledger of input files a refresh has taken (path, size, mtime, and whether it
+  was ingested, kept in part or skipped as a bad file, with the reason), so the next refresh takes
+  only files that are new or changed since.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def _append(uri: str, table: pa.Table) -> None:
 
     from clustermix.deltalog import storage_options
 
-    write_deltalake(uri, table, mode="append", storage_options=storage_options(uri))
+    # merge: a ledger written before it had the status and reason columns takes them on
+    write_deltalake(uri, table, mode="append", schema_mode="merge", storage_options=storage_options(uri))
 
 
 def _ts(iso: str | None) -> datetime | None:
@@ -83,19 +85,25 @@ def taken_files(lake: Lake) -> dict[str, tuple[int, int]] | None:
     return out
 
 
-def record_taken(lake: Lake, files: dict[str, list[int]], run_id: str) -> None:
-    """Append the files a refresh has just ingested (after their rows are committed)."""
+def record_taken(lake: Lake, files: dict[str, list[int]], run_id: str,
+                 bad: dict[str, tuple[str, str]] | None = None) -> None:
+    """Append the files a refresh has just ingested (after their rows are committed). ``bad``: path ->
+    (status, reason) of those that were skipped or kept in part: taken all the same, so that such a
+    file is tried again when it changes, and not every night while it does not."""
     import pyarrow as pa
 
     if not files:
         return
     now = datetime.now(timezone.utc)
+    paths, bad = sorted(files), bad or {}
     table = pa.table({
-        "path": pa.array(sorted(files), pa.string()),
-        "size": pa.array([files[p][0] for p in sorted(files)], pa.int64()),
-        "mtime_ns": pa.array([files[p][1] for p in sorted(files)], pa.int64()),
+        "path": pa.array(paths, pa.string()),
+        "size": pa.array([files[p][0] for p in paths], pa.int64()),
+        "mtime_ns": pa.array([files[p][1] for p in paths], pa.int64()),
         "run_id": pa.array([run_id] * len(files), pa.string()),
         "taken_at": pa.array([now] * len(files), pa.timestamp("us", tz="UTC")),
+        "status": pa.array([bad.get(p, ("ingested", None))[0] for p in paths], pa.string()),
+        "reason": pa.array([bad.get(p, ("ingested", None))[1] for p in paths], pa.string()),
     })
     _append(lake.table(LEDGER), table)
 

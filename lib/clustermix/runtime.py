@@ -148,6 +148,11 @@ def spark_session(cfg: Config) -> SparkSession:
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
+    if cores is not None and "PYSPARK_PYTHON" not in os.environ:
+        # local Python workers (the input file checks run as Python tasks) are this machine's
+        # processes, which PySpark starts with ``python3`` from PATH: maybe another Python, without
+        # clustermix. They run this interpreter instead; a cluster's run its image's (PYSPARK_PYTHON)
+        spark.sparkContext.pythonExec = sys.executable
     spark.sparkContext.setLogLevel("ERROR")
     from clustermix import console
 
