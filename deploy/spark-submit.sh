@@ -12,9 +12,11 @@ cd "$(dirname "$0")/.."
 : "${SPARK_MASTER:?set SPARK_MASTER, e.g. k8s://https://<api-server>:6443 or spark://<host>:7077}"
 SPARK_SUBMIT=${SPARK_SUBMIT:-spark-submit}
 STAGES=${STAGES:-ingest stats sample blend}
-DELTA_PACKAGE=io.delta:delta-spark_2.13:4.0.0   # = delta-spark in pyproject.toml
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--config conf/cluster.yaml)
+# The Delta jar (io.delta:delta-spark_2.13 at the delta-spark of pyproject.toml), and hadoop-aws when
+# the config's lake or input is on s3://: the config is validated here, before any submission.
+PACKAGES=$(PYTHONPATH=lib${PYTHONPATH:+:$PYTHONPATH} python3 -m clustermix.cli spark-packages -q "${args[@]}") || exit $?
 
 # The library as a zip for the executors' PYTHONPATH (it comes before the copy installed in the image).
 mkdir -p build
@@ -24,8 +26,8 @@ rm -f build/clustermix.zip
 opts=(--master "$SPARK_MASTER" --py-files build/clustermix.zip
   --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension
   --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog)
-# Without baked jars, Spark resolves the Delta jar (from ~/.m2 after deploy/fetch-jars.sh, else Maven Central).
-[ "${SPARK_JARS_BAKED:-0}" = 1 ] || opts+=(--packages "$DELTA_PACKAGE")
+# Without baked jars, Spark resolves the jars (from ~/.m2 after deploy/fetch-jars.sh, else Maven Central).
+[ "${SPARK_JARS_BAKED:-0}" = 1 ] || opts+=(--packages "$PACKAGES")
 case "$SPARK_MASTER" in
   k8s://*) opts+=(--conf "spark.kubernetes.container.image=${SPARK_IMAGE:-clustermix-spark:0.1.0}") ;;
 esac

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import py_compile
 import re
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,8 +59,66 @@ def test_images_pin_the_versions_of_pyproject():
     assert f"rayproject/ray:{pins['ray']}-" in ray_df
     assert f"apache/spark:{pins['pyspark']}-" in spark_df
     assert f"DELTA_VERSION={pins['delta-spark']}" in spark_df
-    spark_submit = (ROOT / "deploy" / "spark-submit.sh").read_text()
-    assert f"delta-spark_2.13:{pins['delta-spark']}" in spark_submit
+    # deploy/spark-submit.sh takes its --packages from the CLI: Delta always, hadoop-aws for s3://
+    local = _cli("spark-packages", "-q", "--set", "lake.root=/tmp/lake")
+    s3 = _cli("spark-packages", "-q", "--set", "lake.root=s3://b/lake")
+    assert local.stdout.strip() == f"io.delta:delta-spark_2.13:{pins['delta-spark']}"
+    assert s3.stdout.strip().split(",") == [local.stdout.strip(), f"org.apache.hadoop:hadoop-aws:{_hadoop()}"]
+
+
+def _hadoop() -> str:
+    from clustermix.runtime import hadoop_version
+
+    return hadoop_version()
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "clustermix.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False, env={k: v for k, v in os.environ.items()
+                                                             if k not in ("PYSPARK_GATEWAY_PORT", "RAY_ADDRESS")})
+
+
+def _one_line_naming(proc: subprocess.CompletedProcess[str], key: str) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"clustermix: config error: {key}="), proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_spark_that_would_run_in_the_driver_against_a_remote_lake_fails_fast(tmp_path):
+    """spark.master unset outside spark-submit means a local Spark in this one process: against an S3
+    lake that is a cluster job run on one pod. Refused before the lock, the log or any work."""
+    proc = _cli("run", "--set", "lake.root=s3://nowhere/lake", "--set", "spark.master=null",
+                "--set", "storage.endpoint=http://127.0.0.1:9", timeout=60)
+    assert "deploy/spark-submit.sh" in _one_line_naming(proc, "spark.master")
+    # a local lake with a local Spark is local mode, and a Ray stage needs no Spark at all
+    assert "spark.master" not in _cli("embed", "--set", "lake.root=s3://nowhere/lake", "--set", "spark.master=null",
+                                      "--set", "ray.address=127.0.0.1:9", timeout=60).stderr
+
+
+def test_an_unreachable_ray_address_fails_fast(tmp_path):
+    port = _closed_port()
+    proc = _cli("embed", "--set", f"lake.root={tmp_path / 'lake'}", "--set", f"ray.address=127.0.0.1:{port}",
+                timeout=60)
+    assert f"nothing answers at 127.0.0.1:{port}" in _one_line_naming(proc, "ray.address")
+    assert not (tmp_path / "lake").exists()
+    # Spark stages do not need Ray: the same address does not stop them from being checked further
+    assert "ray.address" not in _cli("show-config", "--set", f"ray.address=127.0.0.1:{port}").stderr
+
+
+def test_a_missing_delta_jar_fails_fast_naming_the_key(tmp_path):
+    """delta_jars: none promises the jars are on the classpath already; when they are not, Spark only
+    warns and the first Delta call would fail deep inside ingest."""
+    proc = _cli("ingest", "--set", f"lake.root={tmp_path / 'lake'}", "--set", "spark.delta_jars=none",
+                "--set", "spark.master=local[1]")
+    assert "the Delta jar" in _one_line_naming(proc, "spark.delta_jars")
+    assert not list((tmp_path / "lake").glob("*/_delta_log"))  # no table was written
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_an_s3_session_without_hadoop_aws_pom_fails_at_once_naming_the_fix(tmp_path):

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("show-config", help="print the validated config as YAML")
     _common(p)
+    p = sub.add_parser("spark-packages", help="print the Maven packages a spark-submit of this config needs",
+                       description="The Delta jar, and hadoop-aws (s3a) when the lake or the input is on s3://, "
+                                   "comma-separated for spark-submit --packages (deploy/spark-submit.sh uses it).")
+    _common(p)
     return parser
 
 
@@ -116,8 +120,17 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+        if args.command == "spark-packages":
+            from clustermix.runtime import spark_packages
+
+            print(",".join(spark_packages(cfg)))
+            return 0
         if args.command in ("report", "runs"):
             return _report_commands(args, cfg.lake.root)
+        from clustermix.registry import engines_of
+        from clustermix.runtime import check_engines
+
+        check_engines(cfg, engines_of(_stages(args.command, cfg)))  # before the run's log is opened
     except USER_ERRORS as exc:
         print(f"clustermix: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -163,16 +176,23 @@ def _run_command(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
+def _stages(command: str, cfg: Any) -> tuple[str, ...]:
+    """The stages a command may run."""
+    from clustermix.registry import default_stages
+
+    if command == "refresh":
+        return (*default_stages(cfg), "assign")
+    return default_stages(cfg) if command == "run" else (command,)
+
+
 def _run(args: argparse.Namespace, cfg: Any, run_id: str) -> Any:
     from clustermix.pipeline import run_stages
-    from clustermix.registry import default_stages
 
     if args.command == "refresh":
         from clustermix.refresh import run_refresh
 
         return run_refresh(cfg, recluster=args.recluster, run_id=run_id)
-    stages = default_stages(cfg) if args.command == "run" else (args.command,)
-    return run_stages(cfg, stages, run_id=run_id)
+    return run_stages(cfg, _stages(args.command, cfg), run_id=run_id)
 
 
 def _report_commands(args: argparse.Namespace, lake_root: str) -> int:

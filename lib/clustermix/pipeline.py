@@ -226,9 +226,12 @@ def _now() -> str:
 
 @contextlib.contextmanager
 def session(cfg: Config, run_id: str | None = None, spark: SparkSession | None = None,
-            mode: str = "run") -> Iterator[Run]:
+            mode: str = "run", stages: Sequence[str] = ()) -> Iterator[Run]:
     """A run under the lake lock: its outcome, tables and error land in the manifest and the ``runs`` table
-    whatever happens."""
+    whatever happens. The engines of ``stages`` are checked first, before the lock or any work."""
+    from clustermix.runtime import check_engines
+
+    check_engines(cfg, registry.engines_of(stages) - ({"spark"} if spark else set()))
     run = Run(cfg, run_id, spark)
     run.manifest["mode"] = mode
     lock = LakeLock(run.lake, run.run_id, cfg.lake.lock_stale_seconds)
@@ -268,7 +271,7 @@ def run_stages(cfg: Config, stages: tuple[str, ...] | None = None, run_id: str |
     """Run ``stages`` (default: :func:`registry.default_stages`) in pipeline order under the lake lock."""
     chosen = registry.default_stages(cfg) if stages is None else stages
     order = [s for s in registry.ORDER if s in chosen]
-    with session(cfg, run_id, spark) as run:
+    with session(cfg, run_id, spark, stages=order) as run:
         run.run_in_order(order, {"ingest": partial(check_k, run)} if "cluster" in order else None)
     return run
 

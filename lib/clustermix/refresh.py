@@ -38,7 +38,7 @@ def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = No
         raise InputError("refresh takes new files of a jsonl or parquet input; for a Delta input table use "
                          "`clustermix run`")
     stages = registry.default_stages(cfg)
-    with session(cfg, run_id, spark, mode="refresh") as run:
+    with session(cfg, run_id, spark, mode="refresh", stages=(*stages, "assign")) as run:
         spec = resolve_input(cfg, run.lake.root)
         taken = runs.taken_files(run.lake)
         if taken is None or deltalog.version(run.lake.table("centroids")) is None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from clustermix.config import Config, SparkConfig
+from clustermix.config import Config, ConfigError, SparkConfig
 from clustermix.errors import ClustermixError
 
 if TYPE_CHECKING:
@@ -43,6 +44,12 @@ def hadoop_version() -> str:
 def s3a_package() -> str:
     """hadoop-aws (s3a) at pyspark's Hadoop version; Ivy brings the AWS SDK v2 bundle its POM names."""
     return f"org.apache.hadoop:hadoop-aws:{hadoop_version()}"
+
+
+def spark_packages(cfg: Config) -> list[str]:
+    """The Maven packages a Spark session of this config needs: Delta, and s3a when a path is on S3
+    (the AWS SDK bundle is a large jar to put on every classpath, so only then)."""
+    return [delta_package()] + ([s3a_package()] if uses_s3(cfg) else [])
 
 
 def uses_s3(cfg: Config) -> bool:
@@ -128,8 +135,7 @@ def spark_session(cfg: Config) -> SparkSession:
 
         conf.update(storage.spark_conf(cfg.storage))  # s3a endpoint, region, retries; Delta's S3 LogStore
     if sc.delta_jars != "none":
-        # s3a only when a path needs it: the AWS SDK bundle is a large jar to put on every classpath
-        conf["spark.jars.packages"] = ",".join([delta_package()] + ([s3a_package()] if s3 else []))
+        conf["spark.jars.packages"] = ",".join(spark_packages(cfg))
     if sc.delta_jars == "local-m2":
         repo = maven_repo(sc)
         needed = [repo / "io" / "delta" / f"delta-spark_{DELTA_SCALA}"]
@@ -154,10 +160,50 @@ def spark_session(cfg: Config) -> SparkSession:
         # clustermix. They run this interpreter instead; a cluster's run its image's (PYSPARK_PYTHON)
         spark.sparkContext.pythonExec = sys.executable
     spark.sparkContext.setLogLevel("ERROR")
+    _require_class(spark, "io.delta.sql.DeltaSparkSessionExtension", "spark.delta_jars", sc.delta_jars,
+                   f"the Delta jar ({delta_package()}) is not on Spark's classpath")
+    if s3:
+        _require_class(spark, "org.apache.hadoop.fs.s3a.S3AFileSystem", "spark.delta_jars", sc.delta_jars,
+                       f"the lake or input is on s3:// but hadoop-aws ({s3a_package()}) is not on Spark's classpath")
     from clustermix import console
 
     console.engines_started()
     return spark
+
+
+def _require_class(spark: SparkSession, name: str, key: str, value: str, problem: str) -> None:
+    """A missing jar, named at once: otherwise Spark only warns and the first Delta or s3a call fails
+    deep inside a stage."""
+    jvm: Any = spark._jvm
+    try:
+        jvm.java.lang.Class.forName(name, False, jvm.java.lang.Thread.currentThread().getContextClassLoader())
+    except Exception:
+        raise ConfigError(key, value, f"{problem}: give it to spark-submit (--packages "
+                          "`clustermix spark-packages`; deploy/spark-submit.sh does) or bake it into the image") from None
+
+
+def check_engines(cfg: Config, engines: set[str]) -> None:
+    """Fail fast, before any work, on an engine setting that cannot work on a cluster (ConfigError,
+    exit code 2, naming the key): Spark that would quietly run inside this one process while the lake
+    is remote, and a Ray address that nothing answers on."""
+    from clustermix import storage
+
+    if ("spark" in engines and cfg.spark.master is None and "PYSPARK_GATEWAY_PORT" not in os.environ
+            and storage.is_s3(cfg.lake.root)):
+        raise ConfigError("spark.master", None, "unset and not started by spark-submit, so Spark would run inside "
+                          f"this one process while lake.root is {cfg.lake.root}: submit with deploy/spark-submit.sh, "
+                          "or set it (spark://host:7077, k8s://..., or local[*] to run locally on purpose)")
+    address = cfg.ray.address
+    if "ray" in engines and address and address != "auto":
+        hostport = address.split("://", 1)[-1].rstrip("/")
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("ray.address", address, "expected host:port, ray://host:port or auto")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as exc:
+            raise ConfigError("ray.address", address, f"nothing answers at {host}:{port} ({exc.strerror or exc})") \
+                from None
 
 
 def ray_init(cfg: Config) -> None:
@@ -192,7 +238,13 @@ def ray_init(cfg: Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        if cfg.ray.address != "auto":
+            raise
+        raise ConfigError("ray.address", "auto", "no running Ray cluster found from this machine (start one with "
+                          "`ray start`, submit with deploy/ray-job.sh, or give its address)") from exc
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
