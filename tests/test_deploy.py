@@ -112,7 +112,8 @@ def test_a_missing_delta_jar_fails_fast_naming_the_key(tmp_path):
     proc = _cli("ingest", "--set", f"lake.root={tmp_path / 'lake'}", "--set", "spark.delta_jars=none",
                 "--set", "spark.master=local[1]")
     assert "the Delta jar" in _one_line_naming(proc, "spark.delta_jars")
-    assert not list((tmp_path / "lake").glob("*/_delta_log"))  # no table was written
+    # no data table was written; the failed run is recorded in the runs table
+    assert [p.parent.name for p in (tmp_path / "lake").glob("*/_delta_log")] == ["runs"]
 
 
 def _closed_port() -> int:
