@@ -25,16 +25,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("embed", reads=("docs",), writes=("embeddings",),
           fingerprint=("embed.model", "embed.max_seq_length", "embed.long_docs", "embed.precision"),
           help="docs -> embeddings (Ray Data actor pool of sentence-transformers)",
-          run="clustermix.embed:run", engines=("ray",)),
+          run="clustermix.embed:run", engine="ray"),
     Stage("cluster", reads=("embeddings",), writes=("centroids", "assignments"),
           fingerprint=("cluster", "embed.model"),
           help="embeddings -> centroids, assignments (distributed FAISS k-means on Ray)",
-          run="clustermix.cluster:run", engines=("ray",)),
+          run="clustermix.cluster:run", engine="ray"),
     Stage("assign", reads=("embeddings", "centroids"), writes=("assignments",),
           fingerprint=("cluster", "refresh", "embed.model"),
           help="embeddings without an assignment -> assignments to the existing centroids, or a refit when "
                "drift passes the refresh.* thresholds (what a refresh runs instead of cluster)",
-          run="clustermix.assign:run", inputs="clustermix.assign:stage_inputs", in_run=False, engines=("ray",)),
+          run="clustermix.assign:run", inputs="clustermix.assign:stage_inputs", in_run=False, engine="ray"),
     Stage("stats", reads=("docs", "assignments", "centroids"), writes=("cluster_stats",), fingerprint=("stats",),
           help="docs + assignments -> cluster_stats (Spark)", run="clustermix.stats:run"),
     Stage("sample", reads=("cluster_stats", "assignments", "docs"), writes=("sample_plan",), fingerprint=("sample",),
@@ -44,7 +44,7 @@ STAGES: tuple[Stage, ...] = (
           ignore=("search.gpus_per_proxy", "search.cpus_per_proxy", "search.torch_threads", "search.device"),
           help="docs + assignments + a target set -> mixtures, search/best_mixture.json (CLIMB proxies on Ray)",
           run="clustermix.search.stage:run", inputs="clustermix.search.stage:stage_inputs",
-          in_run=_has_search_target, engines=("ray",)),
+          in_run=_has_search_target),
     # the join strategy changes how blended is computed, never what it holds; the layout salt is the
     # shape of blended's files (2: each file one contiguous run of positions): a change reruns old blends
     Stage("blend", reads=("sample_plan", "cluster_stats", "assignments", "docs"), writes=("blended",),
@@ -62,8 +62,8 @@ def get(name: str) -> Stage:
 
 
 def engines_of(stages: Iterable[str]) -> set[str]:
-    """The engines (``spark``, ``ray``) that ``stages`` run on."""
-    return {e for s in stages for e in BY_NAME[s].engines}
+    """The engines (``spark``, ``ray``) that ``stages`` run on (search: Spark reads, proxies on Ray)."""
+    return {BY_NAME[s].engine for s in stages} | ({"ray"} if "search" in stages else set())
 
 
 def producer(table: str) -> Stage:

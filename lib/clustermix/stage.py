@@ -46,7 +46,7 @@ class Stage:
     ignore: tuple[str, ...] = ()
     salt: dict[str, Any] = field(default_factory=dict)
     in_run: bool | Callable[[Config], bool] = True
-    engines: tuple[str, ...] = ("spark",)  # what it runs on: checked before a run starts (runtime.check_engines)
+    engine: str = "spark"  # "ray": runs where there is no JVM (commits with delta-rs, never opens Spark)
 
     def function(self) -> Callable[..., dict[str, Any]]:
         return _resolve(self.run)
