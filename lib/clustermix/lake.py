@@ -11,7 +11,10 @@ import contextlib
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clustermix.storage import S3Settings
 
 
 class Lake:
@@ -53,14 +56,17 @@ class Lake:
                 filesystem.delete_dir(path)
 
 
-def open_fs(uri: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and path for a local path (``~`` and relative allowed) or a URI."""
+def open_fs(uri: str, s3: S3Settings | None = None) -> tuple[Any, str]:
+    """The pyarrow filesystem and path for a local path (``~`` and relative allowed) or a URI.
+
+    ``s3``: the object-store settings to use (default: the process's); code on a Ray worker passes
+    the driver's, since a worker never configured any."""
     from pyarrow import fs as pafs
 
     from clustermix import storage
 
     if storage.is_s3(uri):  # the configured endpoint, region and retries (clustermix.storage)
-        return storage.pyarrow_fs(), uri.split("://", 1)[1].rstrip("/")
+        return storage.pyarrow_fs(s3), uri.split("://", 1)[1].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).expanduser().resolve())
