@@ -92,3 +92,25 @@ def test_embed_cluster_and_assign_run_without_a_jvm(tmp_path: Path, spark: Any, 
     assert sorted(r["id"] for r in tableio.read(spark, lake, "assignments").collect()) == now
     assert deltalog.last_commit_meta(lake.table("assignments"))["stage"] == "assign"
     assert _cli(env, config, "assign")["stages"]["assign"]["status"] == "skipped"
+
+
+def test_id_diff_in_bounded_passes_is_the_set_difference(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clustermix.iddiff import IdSide, diff
+
+    docs = [f"d{i}" for i in range(50)]
+    have = [f"d{i}" for i in range(10, 60)]  # 10..49 embedded, 50..59 gone from docs
+    files = []
+    for i, chunk in enumerate((docs[:20], docs[20:])):
+        pq.write_table(pa.table({"id": chunk}), tmp_path / f"docs{i}.parquet")
+        files.append(str(tmp_path / f"docs{i}.parquet"))
+    pq.write_table(pa.table({"id": have + ["d0"], "model": ["m"] * len(have) + ["other"]}), tmp_path / "emb.parquet")
+    left = IdSide(files, [20, 30])
+    right = IdSide([str(tmp_path / "emb.parquet")], [None], model="m")  # d0 is embedded by another model only
+    for per_pass in (1000, 7):  # one pass, and 9 passes over hash buckets
+        d = diff(left, right, per_pass=per_pass)
+        assert sorted(d.missing.to_pylist()) == [f"d{i}" for i in range(10)]
+        assert d.missing_per_file == [10, 0]
+        assert sorted(d.stale.to_pylist()) == sorted(f"d{i}" for i in range(50, 60))

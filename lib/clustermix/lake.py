@@ -2,7 +2,8 @@
 helpers every engine's files go through (pyarrow filesystems for local folders and object stores).
 
 Its Delta tables are read and written elsewhere: :mod:`clustermix.deltalog` (delta-rs metadata),
-:mod:`clustermix.tableio` (Spark reads and writes), :mod:`clustermix.lock` (one run at a time).
+:mod:`clustermix.tableio` (Spark reads and writes), :mod:`clustermix.deltars` (the Ray stages' commits,
+no JVM), :mod:`clustermix.lock` (one run at a time).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Lake:
         return spark_path(self.table(name))
 
     def staging(self, name: str, run_id: str) -> str:
-        """A fresh folder for files a Ray stage writes before Spark commits them."""
+        """A fresh folder for files a stage writes before it reads them back or commits them elsewhere."""
         return f"{self.root}/_staging/{name}/{run_id}-{uuid.uuid4().hex[:8]}"
 
     def run_dir(self, run_id: str) -> str:
