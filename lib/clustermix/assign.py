@@ -3,7 +3,9 @@
 What a nightly refresh runs instead of ``cluster``: new documents are assigned to the centroids
 already fitted (a streaming pass), drift between the old and the new documents is measured, and
 k-means is refitted on everything only when the drift passes the ``refresh.*`` thresholds (or the
-run asks for it: ``clustermix refresh --recluster``). The decision lands in the manifest.
+run asks for it: ``clustermix refresh --recluster``). The decision lands in the manifest. Ray and
+delta-rs only (no JVM): the figures stream the tables' (cluster_id, score) columns, and the new
+assignments are committed with one delta-rs MERGE.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clustermix import deltalog, deltars
 from clustermix import lake as lk
-from clustermix import tableio
 from clustermix.drift import Decision, decide, measure
 
 if TYPE_CHECKING:
@@ -34,14 +36,16 @@ def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     from clustermix.models import model_id
 
     ctx.ray()
-    spark, lake, cfg, write = ctx.spark, ctx.lake, ctx.cfg, ctx.write
+    lake, cfg, write = ctx.lake, ctx.cfg, ctx.write
     model = model_id(cfg.embed.model)
-    fitted = tableio.read(spark, lake, "centroids", inputs["centroids"]).select("k", "model").limit(1).collect()
+    fitted = deltars.read_small(lake.table("centroids"), inputs["centroids"], ["k", "model"]).slice(0, 1).to_pylist()
     config_changed = not fitted or fitted[0]["k"] != cfg.cluster.k or fitted[0]["model"] != model
-    staging, n_new = None, 0
+    found = None
     if not config_changed:
-        centroids = read_centroids(spark, lake, inputs["centroids"])  # the version the stage pinned
-        staging, n_new = assign_missing(spark, lake, cfg.cluster, model, inputs["embeddings"], centroids, ctx.run_id)
+        centroids = read_centroids(lake, inputs["centroids"])  # the version the stage pinned
+        found = assign_missing(lake, cfg.cluster, model, inputs["embeddings"], centroids, ctx.run_id)
+    staging = found.staging if found else None
+    n_new = found.n_new if found else 0
     decision = decide(_figures(ctx, staging, int(fitted[0]["k"]) if fitted else cfg.cluster.k), cfg.refresh,
                       forced=bool(inputs.get("recluster")), config_changed=config_changed)
     ctx.manifest["drift"] = decision.to_dict()
@@ -49,9 +53,10 @@ def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
         ("drop", "shift", "fraction"))}, "refit" if decision.refit else "keep the clustering", decision.reasons)
     try:
         if decision.refit:
-            res = run_cluster(spark, lake, cfg.cluster, model, inputs["embeddings"], ctx.run_id, write)
+            res = run_cluster(lake, cfg.cluster, model, inputs["embeddings"], ctx.run_id, write)
             return {**_summary(decision, n_new), "refit": res}
-        _commit_assignments(ctx, model, inputs["embeddings"], staging)
+        assert found is not None  # a config change always refits
+        _commit_assignments(ctx, staging, found.stale)
         return _summary(decision, n_new)
     finally:
         if staging:
@@ -63,49 +68,58 @@ def _summary(decision: Decision, n_new: int) -> dict[str, Any]:
             "drift": decision.figures}
 
 
+def _per_cluster(files: list[str], k: int, far_score: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-cluster count, score sum and (with ``far_score``) count of scores below it, streamed from the
+    (cluster_id, score) columns of ``files``: O(K) state."""
+    import pyarrow.parquet as pq
+
+    n, s, f = np.zeros(k), np.zeros(k), np.zeros(k)
+    for uri in files:
+        filesystem, path = lk.open_fs(uri)
+        with filesystem.open_input_file(path) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=["cluster_id", "score"]):
+                c = batch.column("cluster_id").to_numpy(zero_copy_only=False).astype(np.int64)
+                score = batch.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+                ok = (c >= 0) & (c < k)
+                c, score = c[ok], score[ok]
+                n += np.bincount(c, minlength=k)
+                s += np.bincount(c, weights=score, minlength=k)
+                if far_score is not None:
+                    f += np.bincount(c[score < far_score], minlength=k)
+    return n, s, f
+
+
 def _figures(ctx: Context, staging: str | None, k: int) -> dict[str, Any]:
-    """Per-cluster counts and score sums of the old assignments and the new ones (K rows each)."""
-    from pyspark.sql import functions as F
-
-    def per_cluster(df: Any, far: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        aggs = [F.count("*").alias("n"), F.sum("score").alias("s"),
-                F.sum(F.when(F.col("score") < ctx.cfg.refresh.far_score, 1).otherwise(0)).alias("far")]
-        n, s, f = np.zeros(k), np.zeros(k), np.zeros(k)
-        for r in df.groupBy("cluster_id").agg(*aggs).collect():
-            c = int(r["cluster_id"])
-            if 0 <= c < k:
-                n[c], s[c], f[c] = r["n"], r["s"] or 0.0, r["far"] if far else 0
-        return n, s, f
-
-    old_n, old_s, _ = per_cluster(tableio.read(ctx.spark, ctx.lake, "assignments"), far=False)
-    if staging is None:
-        new_n, new_s, new_f = np.zeros(k), np.zeros(k), np.zeros(k)
-    else:
-        new_n, new_s, new_f = per_cluster(ctx.spark.read.parquet(lk.spark_path(staging)), far=True)
+    """Per-cluster counts and score sums of the old assignments and the new ones (K numbers each)."""
+    old_n, old_s, _ = _per_cluster(deltalog.file_uris(ctx.lake.table("assignments")), k, None)
+    new_files = lk.list_parquet(staging) if staging else []
+    new_n, new_s, new_f = _per_cluster(new_files, k, ctx.cfg.refresh.far_score)
     return measure(old_n, old_s, new_n, new_s, new_f)
 
 
-def _commit_assignments(ctx: Context, model: str, emb_version: int, staging: str | None) -> None:
-    """One MERGE: insert the new assignments, drop those of documents that no longer have an embedding."""
-    from delta.tables import DeltaTable
-    from pyspark.sql import functions as F
-
-    spark, lake, write = ctx.spark, ctx.lake, ctx.write
-    ids = tableio.read(spark, lake, "embeddings", emb_version).where(F.col("model") == model).select("id")
-    stale = tableio.read(spark, lake, "assignments").select("id").join(ids, "id", "left_anti").limit(1).count()
-    if staging is None and not stale:
+def _commit_assignments(ctx: Context, staging: str | None, stale: Any) -> None:
+    """One delta-rs MERGE: insert the new assignments, delete those of documents that no longer have an
+    embedding. The source streams from the staging files (the new rows) and the stale ids."""
+    if staging is None and not len(stale):
         return  # nothing new, nothing gone: no commit, so a repeated refresh changes nothing
-    new = spark.read.parquet(lk.spark_path(staging)).select("id", "cluster_id", "score") if staging else \
-        spark.createDataFrame([], "id string, cluster_id int, score float")
-    source = ids.join(new, "id", "left")
-    target = DeltaTable.forPath(spark, lake.spark_uri("assignments"))
+    import pyarrow as pa
 
-    def merge() -> None:
-        (target.alias("t").merge(source.alias("s"), "t.id = s.id")
-         .whenNotMatchedInsert(condition="s.cluster_id IS NOT NULL",
-                               values={"id": "s.id", "cluster_id": "s.cluster_id", "score": "s.score"})
-         .whenNotMatchedBySourceDelete()
-         .execute())
+    uri = ctx.lake.table("assignments")
+    schema = deltars.arrow_schema("assignments")
+    source_schema = schema.append(pa.field("_delete", pa.bool_()))
 
-    write.merge_commit(spark, "assignments", merge)
+    def batches() -> Any:
+        import pyarrow.parquet as pq
 
+        for f in lk.list_parquet(staging) if staging else []:
+            filesystem, path = lk.open_fs(f)
+            with filesystem.open_input_file(path) as fh:
+                for b in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=schema.names):
+                    t = pa.Table.from_batches([b]).cast(schema)
+                    yield from t.append_column("_delete", pa.array([False] * len(t))).to_batches()
+        if len(stale):
+            yield pa.record_batch([stale, pa.nulls(len(stale), pa.int32()), pa.nulls(len(stale), pa.float32()),
+                                   pa.array([True] * len(stale))], schema=source_schema)
+
+    source = pa.RecordBatchReader.from_batches(source_schema, batches())
+    ctx.write.record("assignments", deltars.merge_by_id(uri, source, schema.names, ctx.write.meta))

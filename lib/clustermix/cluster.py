@@ -1,5 +1,5 @@
 """The cluster stage: k-means over the embeddings of the configured model -> ``centroids``, ``assignments``
-(the engine: :mod:`clustermix.kmeans_dist`)."""
+(the engine: :mod:`clustermix.kmeans_dist`). Ray and delta-rs only: no JVM."""
 
 from __future__ import annotations
 
@@ -14,5 +14,5 @@ def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     from clustermix.models import model_id
 
     ctx.ray()
-    return run_cluster(ctx.spark, ctx.lake, ctx.cfg.cluster, model_id(ctx.cfg.embed.model), inputs["embeddings"],
+    return run_cluster(ctx.lake, ctx.cfg.cluster, model_id(ctx.cfg.embed.model), inputs["embeddings"],
                        ctx.run_id, ctx.write)

@@ -4,15 +4,19 @@ the commit metadata that says whether a stage's output is current, files and row
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clustermix.storage import S3Settings
 
 
-def storage_options(uri: str) -> dict[str, str] | None:
+def storage_options(uri: str, s3: S3Settings | None = None) -> dict[str, str] | None:
     """delta-rs storage options for ``uri``: None for a local path; for ``s3://`` the endpoint, region
-    and retries of :mod:`clustermix.storage` (credentials come from the AWS default chain)."""
+    and retries of ``s3`` (default: the process's, :mod:`clustermix.storage`; credentials come from
+    the AWS default chain)."""
     from clustermix import storage
 
-    return storage.delta_options(uri) or None
+    return storage.delta_options(uri, s3) or None
 
 
 def version(uri: str) -> int | None:

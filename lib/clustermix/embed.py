@@ -1,36 +1,38 @@
 """Embed (Ray Data): ``docs`` -> ``embeddings`` with an actor pool of SentenceTransformer models.
 
 Ray Data streams the documents that still lack an embedding for the configured model through a
-pool of :class:`Embedder` actors (model loaded once per actor, in ``__init__``) and writes Parquet
-to a staging folder; Spark then commits it into ``embeddings`` with one Delta MERGE that inserts
-what is new (never a duplicate) and drops embeddings of documents no longer in ``docs``.
+pool of :class:`Embedder` actors (model loaded once per actor, in ``__init__``); a task writes each
+block of embeddings as a Parquet file of the ``embeddings`` table, and the driver commits the files
+in one delta-rs transaction (:mod:`clustermix.deltars`). No JVM: this stage runs on a Ray image.
 
-The first run (no ``embeddings`` table yet) reads the ``docs`` files directly, with the row counts
-from the Delta log, and commits with a plain write: no Spark job before the actors start. The
-result records the wall seconds of each phase (``phases_s``: to-do list, Ray Data, commit).
+The documents to embed are read straight from the files of ``docs`` (row counts from the Delta log).
+When ``embeddings`` exists, the ids lacking an embedding, and the embeddings whose document is gone,
+come from the two tables' id columns (:mod:`clustermix.iddiff`); the read tasks keep only those
+ids. The result records the wall seconds of each phase (``phases_s``: to-do list, Ray Data, commit).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clustermix import contracts, deltalog, faults, tableio
+from clustermix import deltalog, deltars, faults, iddiff, rayread
 from clustermix import lake as lk
 from clustermix.config import EmbedConfig
 from clustermix.models import model_id, resolve_model
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from pyspark.sql import SparkSession
 
     from clustermix.lake import Lake
     from clustermix.stage import Context
+    from clustermix.storage import S3Settings
     from clustermix.tableio import TableWriter
 
 log = logging.getLogger(__name__)
@@ -170,41 +172,6 @@ class Embedder:
         })
 
 
-def _read_text_file(uri: str, block_rows: int) -> Iterator[pa.Table]:
-    """One read task: the (id, text) columns of one Parquet file, in blocks of ``block_rows``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    filesystem, path = lk.open_fs(uri)
-    with filesystem.open_input_file(path) as fh:
-        for batch in pq.ParquetFile(fh).iter_batches(batch_size=block_rows, columns=["id", "text"]):
-            yield pa.Table.from_batches([batch])
-
-
-def _text_files(files: list[str], rows: list[int | None], block_rows: int) -> Any:
-    """A Ray Data source of (id, text) Parquet files with their row counts known up front.
-
-    ``read_parquet`` would first run sampling tasks (to estimate the in-memory size) and block
-    the driver until they finish, so the actor pool, and its model load, would start only after
-    a worker process was spawned for them. Here nothing runs before execution: the read tasks and
-    the actors start together, and the row counts give the progress bar its total."""
-    from functools import partial
-
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    class TextFiles(Datasource):
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None
-
-        def get_read_tasks(self, parallelism: int) -> list[ReadTask]:
-            return [ReadTask(partial(_read_text_file, f, block_rows),
-                             BlockMetadata(num_rows=n, size_bytes=None, exec_stats=None, input_files=[f]))
-                    for f, n in zip(files, rows, strict=True) if n != 0]
-
-    return TextFiles()
-
-
 class _Progress:
     """Logs rows done/total and the rate every ``every`` seconds while the actors embed.
 
@@ -250,14 +217,29 @@ class _Progress:
                  n / dt if dt > 0 else 0.0)
 
 
-def _embed_files(files: list[str], rows: list[int | None], out_dir: str, ecfg: EmbedConfig, total: int) -> None:
-    """Run the Ray Data pipeline: read (id, text) files, embed with the actor pool, write Parquet."""
+def write_block(batch: pa.Table, table_uri: str, folder: str, s3: S3Settings | None) -> pa.Table:
+    """Ray Data task: write one block of embeddings as a Parquet file of the ``embeddings`` table (not
+    yet committed) and return what the driver's commit needs: (path, size, rows)."""
+    import pyarrow as pa
+
+    schema = deltars.arrow_schema("embeddings")
+    part = deltars.write_part(batch.select(schema.names).cast(schema), table_uri, folder, s3)
+    parts = [part] if part else []
+    return pa.table({"path": pa.array([p.path for p in parts], pa.string()),
+                     "size": pa.array([p.size for p in parts], pa.int64()),
+                     "rows": pa.array([p.rows for p in parts], pa.int64())})
+
+
+def _embed_files(todo: rayread.Filter | None, files: list[str], rows: list[int | None], table_uri: str, folder: str,
+                 ecfg: EmbedConfig, total: int, s3: S3Settings | None) -> list[deltars.Part]:
+    """Run the Ray Data pipeline: read (id, text) files, embed with the actor pool, write each block as
+    a file of the table. Returns the files written (the driver learns no more than that)."""
     import ray
     from ray.data import DataContext
 
     # rows per actor call: a few sub-batches, so the tokeniser thread always has a next one
     call_rows = ecfg.batch_size_for(ecfg.planned_device()) * 4
-    ds = ray.data.read_datasource(_text_files(files, rows, call_rows))
+    ds = ray.data.read_datasource(rayread.files_source(files, rows, ["id", "text"], call_rows, todo, s3))
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"model_path": resolve_model(ecfg.model), "model_name": model_id(ecfg.model),
@@ -269,15 +251,19 @@ def _embed_files(files: list[str], rows: list[int | None], out_dir: str, ecfg: E
         num_gpus=ecfg.gpus_per_actor or None,
         max_task_retries=3,
     )
+    # one file per block, as Ray Data's write_parquet would: named by its ids, so a retried task
+    # rewrites its own file (the Spark commit's dropDuplicates is not needed)
+    ds = ds.map_batches(write_block, fn_kwargs={"table_uri": table_uri, "folder": folder, "s3": s3},
+                        batch_size=None, batch_format="pyarrow", max_retries=3)
     # on a terminal Ray Data's bars show rows done/total and the rate; in logs we report them
     every = None if DataContext.get_current().enable_progress_bars else PROGRESS_EVERY_S
-    with _Progress(out_dir, total, every) as progress:
-        ds.write_parquet(out_dir)
+    with _Progress(f"{table_uri}/{folder}", total, every) as progress:
+        parts = [deltars.Part(str(r["path"]), int(r["size"]), int(r["rows"])) for r in ds.iter_rows()]
     progress.report()
+    return parts
 
 
 PROGRESS_EVERY_S = 10.0
-EMBEDDINGS_SCHEMA = "id string, embedding array<float>, model string"
 
 
 class _Phases:
@@ -295,73 +281,53 @@ class _Phases:
             self.seconds[name] = round(time.perf_counter() - t0, 2)
 
 
-def run_embed(spark: SparkSession, lake: Lake, ecfg: EmbedConfig, docs_version: int, run_id: str,
-              write: TableWriter) -> dict[str, Any]:
-    """Embed every document of ``docs@docs_version`` that has no embedding for this model yet."""
-    from delta.tables import DeltaTable
-    from pyspark.sql import functions as F
+def run_embed(lake: Lake, ecfg: EmbedConfig, docs_version: int, run_id: str, write: TableWriter) -> dict[str, Any]:
+    """Embed every document of ``docs@docs_version`` that has no embedding for this model yet; drop the
+    embeddings of documents no longer in ``docs``. Ray and delta-rs only: no JVM."""
+    import ray
+
+    from clustermix import storage
 
     name = model_id(ecfg.model)
+    uri = lake.table("embeddings")
+    s3 = storage.settings() if storage.is_s3(uri) else None  # handed to the workers explicitly
     phase = _Phases()
-    exists = deltalog.version(lake.table("embeddings")) is not None
-    staging_in = None
+    exists = deltalog.version(uri) is not None
+    todo, stale = None, None
     with phase("todo"):
+        files, rows = deltalog.file_counts(lake.table("docs"), docs_version)
         if exists:
-            docs = tableio.read(spark, lake, "docs", docs_version).select("id", "text")
-            have = tableio.read(spark, lake, "embeddings").where(F.col("model") == name).select("id")
-            staging_in = lake.staging("embed_todo", run_id)
-            docs.join(have, "id", "left_anti").write.mode("overwrite").parquet(lk.spark_path(staging_in))
-            todo_files = lk.list_parquet(staging_in)
-            rows = lk.parquet_rows(todo_files)  # no count() pass over the to-do list
-        else:
-            # nothing embedded yet: the to-do list is docs itself, read from its own files (no
-            # Spark job, no staging copy)
-            todo_files, rows = deltalog.file_counts(lake.table("docs"), docs_version)
+            # the ids of docs without an embedding of this model, and of embeddings whose document is
+            # gone, from the two tables' id columns (no shuffle, no embedding read)
+            emb_files, emb_rows = deltalog.file_counts(uri)
+            d = iddiff.diff(iddiff.IdSide(files, rows), iddiff.IdSide(emb_files, emb_rows, name), s3)
+            rows, stale = list(d.missing_per_file), d.stale
+            todo = rayread.Filter(ids=ray.put(d.missing))
     n_todo = sum(n for n in rows if n) if None not in rows else deltalog.num_records(lake.table("docs"))
-    staging_out = lake.staging("embeddings", run_id)
+    folder = f"{run_id}-{uuid.uuid4().hex[:8]}"  # this run's files in the table's folder
+    parts: list[deltars.Part] = []
     t0 = time.time()
     if n_todo:
         log.info("embedding %d documents with %s", n_todo, name)
         with phase("ray_data"):
-            _embed_files(todo_files, rows, staging_out, ecfg, n_todo)
+            parts = _embed_files(todo, files, rows, uri, folder, ecfg, n_todo, s3)
     seconds = time.time() - t0
     with phase("commit"):
-        if n_todo:
-            # the schema is given, so Spark reads no footer to infer it; a retried task may have
-            # written a block twice, hence the dropDuplicates
-            new = contracts.check(
-                spark.read.schema(EMBEDDINGS_SCHEMA).parquet(lk.spark_path(staging_out)).dropDuplicates(["id"]),
-                "embeddings")
-        else:
-            new = spark.createDataFrame([], EMBEDDINGS_SCHEMA)
-        if not exists:
-            write("embeddings", new)
-        else:
-            ids = tableio.read(spark, lake, "docs", docs_version).select("id")
-            source = ids.join(new.select("id", "embedding"), "id", "left")
-            target = DeltaTable.forPath(spark, lake.spark_uri("embeddings"))
-
-            def merge() -> None:
-                (target.alias("t").merge(source.alias("s"), f"t.id = s.id AND t.model = '{_sql_str(name)}'")
-                 .whenNotMatchedInsert(condition="s.embedding IS NOT NULL",
-                                       values={"id": "s.id", "embedding": "s.embedding", "model": F.lit(name)})
-                 .whenNotMatchedBySourceDelete(condition=f"t.model = '{_sql_str(name)}'")
-                 .execute())
-
-            write.merge_commit(spark, "embeddings", merge)
-    for d in (staging_in, staging_out):
-        if d:
-            lake.remove(d)
-    return {"model": name, "embedded": n_todo, "seconds": round(seconds, 2),
+        schema = deltars.arrow_schema("embeddings")
+        if stale is not None and len(stale):
+            # a commit of its own, before the append, without the fingerprint: a crash between the
+            # two leaves the stage not current, and its rerun finds nothing stale and appends
+            partial = {k: v for k, v in write.meta.items() if k != "fingerprint"} | {"step": "delete stale"}
+            deltars.delete_ids(uri, stale, partial, model=name)
+        v = deltars.commit_parts(uri, schema, parts, write.meta, "append" if exists else "overwrite")
+        write.record("embeddings", v)
+    return {"model": name, "embedded": n_todo, "removed": len(stale) if stale is not None else 0,
+            "seconds": round(seconds, 2),
             "docs_per_s": round(n_todo / seconds, 1) if seconds > 0 and n_todo else None,
             "batch_size": ecfg.batch_size_for(ecfg.planned_device()), "phases_s": phase.seconds}
-
-
-def _sql_str(s: str) -> str:
-    return s.replace("'", "''")
 
 
 def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     """The embed stage: documents of ``docs`` without an embedding for the model -> ``embeddings``."""
     ctx.ray()
-    return run_embed(ctx.spark, ctx.lake, ctx.cfg.embed, inputs["docs"], ctx.run_id, ctx.write)
+    return run_embed(ctx.lake, ctx.cfg.embed, inputs["docs"], ctx.run_id, ctx.write)

@@ -4,8 +4,9 @@ assigns documents to fitted centroids: the engine of the ``cluster`` and ``assig
 Each :class:`ShardActor` holds one shard of ``embeddings`` for the whole fit. Per iteration the
 driver sends the centroids (k·d floats), every shard returns sums/counts/objective (k·d), and the
 driver updates: driver memory and traffic are O(k·d), never O(n). A last pass writes
-``assignments`` from the shards to a staging folder that Spark commits; ``centroids`` carries the
-fit's metadata (k, iterations run, objective per iteration, seed, model, points fitted).
+``assignments``' files from the shards, which the driver commits in one transaction; ``centroids`` carries the
+fit's metadata (k, iterations run, objective per iteration, seed, model, points fitted). No JVM: the
+tables are committed with delta-rs (:mod:`clustermix.deltars`).
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clustermix import contracts, deltalog, faults, kmeans, tableio
+from clustermix import deltalog, deltars, faults, iddiff, kmeans, rayread
 from clustermix import lake as lk
 from clustermix.config import ClusterConfig
 from clustermix.errors import DataError
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
-
     from clustermix.lake import Lake
+    from clustermix.storage import S3Settings
     from clustermix.tableio import TableWriter
 
 log = logging.getLogger(__name__)
@@ -83,16 +84,13 @@ class ShardActor:
         faults.hold("kmeans.step", self.steps)
         return kmeans.partial_stats(self.x[self.fit_mask], centroids, self.use_gpu)
 
-    def assign(self, centroids: np.ndarray, out_dir: str, shard: int) -> int:
-        """Write (id, cluster_id, score) for every point of the shard as one Parquet file."""
+    def assign(self, centroids: np.ndarray, root: str, folder: str, s3: S3Settings | None) -> deltars.Part | None:
+        """Write (id, cluster_id, score) for every point of the shard as one Parquet file under
+        ``<root>/<folder>`` (a file of the ``assignments`` table until the driver commits it)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         table = assignment_table(pa.array(self.ids.tolist(), type=pa.string()), self.x, centroids, self.use_gpu)
-        filesystem, base = lk.open_fs(out_dir)
-        filesystem.create_dir(base, recursive=True)
-        pq.write_table(table, f"{base}/shard-{shard:05d}.parquet", filesystem=filesystem)
-        return len(table)
+        return deltars.write_part(table, root, folder, s3)
 
 
 def assignment_table(ids: Any, x: np.ndarray, centroids: np.ndarray, use_gpu: bool) -> Any:
@@ -203,6 +201,7 @@ class KMeansResult:
     use_gpu: bool
     seconds: float
     attempts: int = 1
+    parts: list[deltars.Part] = field(default_factory=list)  # the assignment files, when asked
 
     def meta(self, cfg: ClusterConfig) -> dict[str, Any]:
         return {"objective_history": [round(v, 6) for v in self.fit.history], "n_points": self.n_points,
@@ -214,9 +213,12 @@ class KMeansResult:
 MAX_ATTEMPTS = 3
 
 
-def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = None) -> KMeansResult:
+def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = None,
+                       s3: S3Settings | None = None) -> KMeansResult:
     """Fit spherical k-means on a Ray Dataset of (id, embedding) held by ``cfg.num_shards`` actors;
-    with ``assign_dir``, also write every point's (id, cluster_id, score) there as Parquet.
+    with ``assign_dir``, also write every point's (id, cluster_id, score) there as Parquet (the files
+    are in the result's ``parts``, named relative to the folder above ``assign_dir``). ``s3``: the
+    object-store settings the actors write with.
 
     A shard actor that dies (node lost, process killed) fails the attempt; the fit is then redone
     from the start on fresh actors. The fit is deterministic, so the result is the same.
@@ -227,9 +229,12 @@ def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = Non
     use_gpu = _gpu_wanted(cfg)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            best, n, n_fit, fraction = _attempt(ds, cfg, assign_dir, use_gpu)
-            return KMeansResult(best, n, n_fit, fraction, use_gpu, time.time() - t0, attempt)
+            best, n, n_fit, fraction, parts = _attempt(ds, cfg, assign_dir, use_gpu, s3)
+            return KMeansResult(best, n, n_fit, fraction, use_gpu, time.time() - t0, attempt, parts)
         except RayActorError as exc:
+            if assign_dir is not None:  # files of the lost attempt (another sharding): never committed
+                filesystem, path = lk.open_fs(assign_dir, s3)
+                filesystem.delete_dir_contents(path, missing_dir_ok=True)
             if attempt == MAX_ATTEMPTS:
                 raise
             log.warning("k-means attempt %d lost a shard actor (%s); redoing the fit", attempt,
@@ -237,7 +242,8 @@ def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = Non
     raise AssertionError("unreachable")
 
 
-def _attempt(ds: Any, cfg: ClusterConfig, assign_dir: str | None, use_gpu: bool) -> tuple[Fit, int, int, float]:
+def _attempt(ds: Any, cfg: ClusterConfig, assign_dir: str | None, use_gpu: bool,
+             s3: S3Settings | None) -> tuple[Fit, int, int, float, list[deltars.Part]]:
     import ray
 
     actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=shard_cpus(cfg), max_restarts=0)(ShardActor)
@@ -264,77 +270,92 @@ def _attempt(ds: Any, cfg: ClusterConfig, assign_dir: str | None, use_gpu: bool)
             if best is None or f.objective > best.objective:
                 best = f
         assert best is not None
+        parts: list[deltars.Part] = []
         if assign_dir is not None:
-            ray.get([s.assign.remote(best.centroids, assign_dir, i) for i, s in enumerate(shards)])
+            root, folder = assign_dir.rstrip("/").rsplit("/", 1)
+            parts = [p for p in ray.get([a.assign.remote(best.centroids, root, folder, s3) for a in shards]) if p]
     finally:
-        for s in shards:
-            ray.kill(s)
-    return best, n, n_fit, fraction
+        for a in shards:
+            ray.kill(a)
+    return best, n, n_fit, fraction, parts
 
 
-def run_cluster(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, run_id: str,
+def run_cluster(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, run_id: str,
                 write: TableWriter) -> dict[str, Any]:
-    """Fit k-means on the embeddings of ``model`` and write ``centroids`` and ``assignments``."""
+    """Fit k-means on the embeddings of ``model`` and write ``centroids`` and ``assignments`` (Ray and
+    delta-rs only: the shards write the assignment files, the driver commits them)."""
+    import pyarrow as pa
     import ray
-    from pyspark.sql import functions as F
 
+    from clustermix import storage
+
+    uri = lake.table("assignments")
+    s3 = storage.settings() if storage.is_s3(uri) else None
     files = deltalog.file_uris(lake.table("embeddings"), emb_version)
     if not files:
         raise DataError("embeddings table is empty: nothing to cluster")
-    ds = ray.data.read_parquet(files, columns=["id", "embedding", "model"])
-    ds = ds.filter(expr=f"model == '{model.replace(chr(39), chr(92) + chr(39))}'")
-    out_dir = lake.staging("assignments", run_id)
-    res = distributed_kmeans(ds, cfg, out_dir)
+    ds = ray.data.read_datasource(rayread.files_source(files, [None] * len(files), ["id", "embedding"], 65536,
+                                                       rayread.Filter(model=model), s3))
+    res = distributed_kmeans(ds, cfg, f"{uri}/{run_id}-{uuid.uuid4().hex[:8]}", s3)
     best = res.fit
     niter = len(best.history) - 1
-    meta = json.dumps(res.meta(cfg))
-    rows = [(i, best.centroids[i].tolist(), cfg.k, niter, best.seed, float(best.objective), model, meta)
-            for i in range(cfg.k)]
-    centroids = spark.createDataFrame(
-        rows, "cluster_id int, centroid array<float>, k int, niter int, seed bigint, objective double, "
-              "model string, fit_meta string")
-    write("centroids", contracts.check(centroids, "centroids"))
-    assignments = spark.read.parquet(lk.spark_path(out_dir)).select("id", F.col("cluster_id").cast("int"),
-                                                                      F.col("score").cast("float"))
-    write("assignments", contracts.check(assignments, "assignments"))
-    lake.remove(out_dir)
+    schema = deltars.arrow_schema("centroids")
+    centroids = pa.table({"cluster_id": list(range(cfg.k)), "centroid": [c.tolist() for c in best.centroids],
+                          "k": [cfg.k] * cfg.k, "niter": [niter] * cfg.k, "seed": [best.seed] * cfg.k,
+                          "objective": [float(best.objective)] * cfg.k, "model": [model] * cfg.k,
+                          "fit_meta": [json.dumps(res.meta(cfg))] * cfg.k}, schema=schema)
+    write.record("centroids", deltars.overwrite(lake.table("centroids"), centroids, write.meta))
+    write.record("assignments", deltars.commit_parts(uri, deltars.arrow_schema("assignments"), res.parts,
+                                                     write.meta, "overwrite"))
     return {"k": cfg.k, "n_points": res.n_points, "n_fitted": res.n_fitted, "fit_fraction": res.fraction,
             "niter_run": niter, "objective": round(best.objective, 6), "reseeded": best.reseeded,
             "gpu": res.use_gpu, "seconds": round(res.seconds, 2)}
 
 
-def read_centroids(spark: SparkSession, lake: Lake, at_version: int | None = None) -> np.ndarray:
-    """The centroids (latest, or at a pinned version) as a (k, d) float32 array (K rows to the driver)."""
-    rows = tableio.read(spark, lake, "centroids", at_version).select("cluster_id", "centroid").orderBy("cluster_id").collect()
-    return np.asarray([r["centroid"] for r in rows], dtype=np.float32)
+def read_centroids(lake: Lake, at_version: int | None = None) -> np.ndarray:
+    """The centroids (latest, or at a pinned version) as a (k, d) float32 array (K rows, by delta-rs)."""
+    t = deltars.read_small(lake.table("centroids"), at_version, ["cluster_id", "centroid"]).sort_by("cluster_id")
+    return np.asarray(t.column("centroid").to_pylist(), dtype=np.float32)
 
 
-def assign_missing(spark: SparkSession, lake: Lake, cfg: ClusterConfig, model: str, emb_version: int,
-                   centroids: np.ndarray, run_id: str) -> tuple[str | None, int]:
+@dataclass
+class AssignPass:
+    """What :func:`assign_missing` found and wrote: the staging folder of the new (id, cluster_id,
+    score) rows (None when nothing was missing), how many, and the assigned ids whose embedding is gone."""
+
+    staging: str | None
+    n_new: int
+    stale: Any  # a pyarrow string array
+
+
+def assign_missing(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, centroids: np.ndarray,
+                   run_id: str) -> AssignPass:
     """Assign every embedding of ``model`` that has no assignment yet to its nearest centroid.
 
-    Returns the staging folder of (id, cluster_id, score) Parquet (None when nothing was missing)
-    and the number of documents assigned; the caller commits it or refits instead.
+    The ids come from the id columns of ``embeddings`` and ``assignments`` (:mod:`clustermix.iddiff`);
+    Ray Data reads only those embeddings and writes their assignments to a staging folder, which the
+    caller commits, or drops when it refits instead.
     """
     import ray
-    from pyspark.sql import functions as F
 
-    emb = tableio.read(spark, lake, "embeddings", emb_version).where(F.col("model") == model).select("id", "embedding")
-    todo = emb.join(tableio.read(spark, lake, "assignments").select("id"), "id", "left_anti")
-    staging_in = lake.staging("assign_todo", run_id)
-    todo.write.mode("overwrite").parquet(lk.spark_path(staging_in))
-    files = lk.list_parquet(staging_in)
-    n = sum(c or 0 for c in lk.parquet_rows(files))
+    from clustermix import storage
+
+    s3 = storage.settings() if storage.is_s3(lake.root) else None
+    emb_files, emb_rows = deltalog.file_counts(lake.table("embeddings"), emb_version)
+    d = iddiff.diff(iddiff.IdSide(emb_files, emb_rows, model),
+                    iddiff.IdSide(*deltalog.file_counts(lake.table("assignments"))), s3)
+    n = len(d.missing)
     if not n:
-        lake.remove(staging_in)
-        return None, 0
+        return AssignPass(None, 0, d.stale)
     log.info("assigning %d new documents to the %d existing centroids", n, len(centroids))
     use_gpu = _gpu_wanted(cfg)
     out_dir = lake.staging("assignments", run_id)
-    (ray.data.read_parquet(files)
+    filesystem, out_path = lk.open_fs(out_dir, s3)
+    todo = rayread.Filter(ids=ray.put(d.missing), model=model)
+    (ray.data.read_datasource(rayread.files_source(emb_files, list(d.missing_per_file), ["id", "embedding"], 65536,
+                                                   todo, s3))
      .map_batches(Assigner, fn_constructor_kwargs={"centroids": centroids, "use_gpu": use_gpu},
                   batch_format="pyarrow", batch_size=65536, concurrency=cfg.num_shards,
                   num_cpus=shard_cpus(cfg), num_gpus=1 if use_gpu else None, max_task_retries=3)
-     .write_parquet(out_dir))
-    lake.remove(staging_in)
-    return out_dir, n
+     .write_parquet(out_path, filesystem=filesystem))
+    return AssignPass(out_dir, n, d.stale)

@@ -2,7 +2,8 @@
 helpers every engine's files go through (pyarrow filesystems for local folders and object stores).
 
 Its Delta tables are read and written elsewhere: :mod:`clustermix.deltalog` (delta-rs metadata),
-:mod:`clustermix.tableio` (Spark reads and writes), :mod:`clustermix.lock` (one run at a time).
+:mod:`clustermix.tableio` (Spark reads and writes), :mod:`clustermix.deltars` (the Ray stages' commits,
+no JVM), :mod:`clustermix.lock` (one run at a time).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import contextlib
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clustermix.storage import S3Settings
 
 
 class Lake:
@@ -33,7 +37,7 @@ class Lake:
         return spark_path(self.table(name))
 
     def staging(self, name: str, run_id: str) -> str:
-        """A fresh folder for files a Ray stage writes before Spark commits them."""
+        """A fresh folder for files a stage writes before it reads them back or commits them elsewhere."""
         return f"{self.root}/_staging/{name}/{run_id}-{uuid.uuid4().hex[:8]}"
 
     def run_dir(self, run_id: str) -> str:
@@ -53,14 +57,17 @@ class Lake:
                 filesystem.delete_dir(path)
 
 
-def open_fs(uri: str) -> tuple[Any, str]:
-    """The pyarrow filesystem and path for a local path (``~`` and relative allowed) or a URI."""
+def open_fs(uri: str, s3: S3Settings | None = None) -> tuple[Any, str]:
+    """The pyarrow filesystem and path for a local path (``~`` and relative allowed) or a URI.
+
+    ``s3``: the object-store settings to use (default: the process's); code on a Ray worker passes
+    the driver's, since a worker never configured any."""
     from pyarrow import fs as pafs
 
     from clustermix import storage
 
     if storage.is_s3(uri):  # the configured endpoint, region and retries (clustermix.storage)
-        return storage.pyarrow_fs(), uri.split("://", 1)[1].rstrip("/")
+        return storage.pyarrow_fs(s3), uri.split("://", 1)[1].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), str(Path(uri.removeprefix("file://")).expanduser().resolve())

@@ -123,8 +123,12 @@ class Run:
                 "config_hash": chash, "clustermix_version": __version__}
         ahead = {t: self._ahead.pop(t) for t in decl.writes if t in self._ahead}
         writer = tableio.TableWriter(self.lake, meta, loading=ahead)
-        writer.prefetch(self.spark, decl.writes)  # every stage commits its outputs through Spark
-        if then is not None:
+        # the Spark stages' commits need delta-spark's table state, loaded ahead; a Ray stage commits
+        # with delta-rs and must not start a JVM (there is none on a Ray image), nor make one start
+        # for a Ray stage after it
+        if decl.engine == "spark":
+            writer.prefetch(self.spark, decl.writes)
+        if then is not None and registry.get(then).engine == "spark" and (decl.engine == "spark" or self._spark):
             later = [t for t in registry.get(then).writes if t not in decl.writes and t not in self._ahead]
             if later:
                 self._ahead.update(writer.prefetch_next(self.spark, later))
@@ -135,7 +139,7 @@ class Run:
         t0 = time.time()
         try:
             with _heartbeat(stage, self._spark_if_started):
-                counts = decl.function()(Context(self, writer), inputs)
+                counts = decl.function()(Context(self, writer, decl.engine), inputs)
         finally:
             writer.settle()
         if self._spark is not None:

@@ -34,7 +34,8 @@ class Stage:
     name functions as ``"module:function"``: ``run(ctx, inputs) -> counts`` and
     ``inputs(ctx) -> dict``, what the stage depends on besides tables and config (an input
     listing, a file's digest). ``in_run``: part of ``clustermix run`` (a callable of the config
-    decides for optional stages)."""
+    decides for optional stages). ``engine``: ``"ray"`` for a stage that must run on a Ray image
+    with no Java: its context refuses Spark, and the runner prepares no Spark state for it."""
 
     name: str
     reads: tuple[str, ...]
@@ -83,9 +84,10 @@ class Context:
     engines (Spark on first use; :meth:`ray` connects Ray), and the run's shared state (the input
     listing, options such as ``recluster``, the manifest for extra figures)."""
 
-    def __init__(self, run: Any, write: TableWriter | None = None) -> None:
+    def __init__(self, run: Any, write: TableWriter | None = None, engine: str = "spark") -> None:
         self._run = run
         self._write = write
+        self._engine = engine
 
     @property
     def write(self) -> TableWriter:
@@ -110,6 +112,8 @@ class Context:
 
     @property
     def spark(self) -> SparkSession:
+        if self._engine == "ray":  # a Ray image has no JVM: fail here, not in a Java gateway error
+            raise RuntimeError("a Ray stage cannot use Spark: read and commit with delta-rs (clustermix.deltars)")
         spark: SparkSession = self._run.spark
         return spark
 

@@ -8,12 +8,12 @@ uses the AWS default chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, 
 instance or pod role). Endpoint and region come from ``storage.endpoint``/``storage.region`` when set,
 else from AWS_ENDPOINT_URL and AWS_REGION (or AWS_DEFAULT_REGION).
 
-Commit safety on S3: Spark is the only engine that writes clustermix's Delta tables (delta-rs and
-pyarrow only read them). delta-spark 4.0.0 on s3a commits with ``S3SingleDriverLogStore``, whose
-put-if-absent holds within one driver only, so clustermix lets one run (one driver) write a lake at a
-time: :class:`clustermix.lake.LakeLock` takes ``<lake.root>/_lock.json`` with an S3 conditional write
-(``If-None-Match: *``). delta-rs (any Python code writing these tables with ``write_deltalake``)
-commits with S3 conditional writes as well, which needs no lock table.
+Commit safety on S3: the Spark stages commit through delta-spark 4.0.0 on s3a with
+``S3SingleDriverLogStore``, whose put-if-absent holds within one driver only, so clustermix lets one
+run (one driver) write a lake at a time: :class:`clustermix.lake.LakeLock` takes
+``<lake.root>/_lock.json`` with an S3 conditional write (``If-None-Match: *``). The Ray stages commit
+through delta-rs (:mod:`clustermix.deltars`), whose object_store commits with S3 conditional writes
+(``If-None-Match``) and needs no lock table.
 """
 
 from __future__ import annotations
@@ -92,9 +92,12 @@ def bucket_key(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def pyarrow_fs() -> S3FileSystem:
-    """pyarrow's S3 filesystem with the process's settings and retry strategy."""
-    return _pyarrow_fs(settings())
+def pyarrow_fs(given: S3Settings | None = None) -> S3FileSystem:
+    """pyarrow's S3 filesystem with ``given`` settings (default: the process's) and their retry strategy.
+
+    A Ray worker never ran :func:`configure`, so code that runs there is handed the driver's
+    settings explicitly instead of relying on the worker's environment."""
+    return _pyarrow_fs(given or settings())
 
 
 @functools.lru_cache(maxsize=8)
@@ -115,11 +118,12 @@ def _pyarrow_fs(s: S3Settings) -> S3FileSystem:
     return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def delta_options(uri: str) -> dict[str, str]:
-    """delta-rs ``storage_options`` for the table at ``uri`` (empty for a local path)."""
+def delta_options(uri: str, given: S3Settings | None = None) -> dict[str, str]:
+    """delta-rs ``storage_options`` for the table at ``uri`` (empty for a local path), from ``given``
+    settings (default: the process's)."""
     if not is_s3(uri):
         return {}
-    s = settings()
+    s = given or settings()
     opts = {
         "max_retries": str(s.retries),  # object_store retries 5xx, 429 and connection errors with backoff
         "retry_timeout": f"{max(30, int(s.request_timeout_s * (s.retries + 1)))}s",

@@ -162,6 +162,12 @@ class TableWriter:
         self.versions[name] = v
         return v
 
+    def record(self, name: str, v: int) -> None:
+        """Note version ``v`` of ``name``, committed by the stage itself with delta-rs under :attr:`meta`
+        (the Ray stages, which have no Spark session)."""
+        self._reap(name)
+        self.versions[name] = v
+
     def settle(self) -> None:
         """Wait for the background loads that no write reaped (a stage that failed, or wrote fewer
         tables than it might have)."""
