@@ -46,7 +46,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x "$VENV/bin/pyt
   ensure_uv
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m uv venv -q -p "$PYTHON" "$VENV"
   echo "setup: installing Python packages into $VENV"
-  "$PYTHON" -m uv pip install -q --compile-bytecode -p "$VENV/bin/python" -r pyproject.toml --extra dev
+  "$PYTHON" -m uv pip install -q --compile-bytecode -p "$VENV/bin/python" -r pyproject.toml --extra spark --extra dev
   # the project itself is copied, not hard-linked from uv's cache: its editable .pth and console
   # script name this checkout, and a cache entry shared by two checkouts would point both at the
   # one installed last
