@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fetch the jars Spark needs from Maven Central into the local Maven repository (~/.m2/repository,
 # or $CLUSTERMIX_MAVEN_REPO), where clustermix's offline Ivy settings (and spark-submit --packages)
-# resolve them. Idempotent: a second run downloads nothing.
+# resolve them. Idempotent: a second run downloads nothing. With CLUSTERMIX_JARS_DIR set, every jar
+# it resolved is also put there (a hard link, else a copy): docker/spark.Dockerfile bakes them into
+# $SPARK_HOME/jars that way, so the image carries exactly the versions this script resolves.
 #  - Delta Lake, matching the installed delta-spark: io.delta:delta-spark_2.13 and io.delta:delta-storage;
 #  - s3a for lakes on s3://: org.apache.hadoop:hadoop-aws at the Hadoop version pyspark bundles (its
 #    hadoop-client-api jar), plus what hadoop-aws's POM declares: the AWS SDK v2 bundle
@@ -18,8 +20,10 @@ command -v mvn >/dev/null || { echo "fetch-jars: Maven (mvn) is required: apt-ge
 
 artifact_path() { local g=${1%%:*} rest=${1#*:}; local a=${rest%%:*} v=${rest#*:}; echo "$REPO/${g//.//}/$a/$v/$a-$v.$2"; }
 FETCHED=0
+JARS=()
 fetch() {  # fetch ARTIFACT [extra mvn flags]: the jar (and, fetched transitively, its POM)
   local artifact=$1; shift
+  JARS+=("$(artifact_path "$artifact" jar)")
   if [ -f "$(artifact_path "$artifact" jar)" ]; then echo "fetch-jars: $artifact present"; return; fi
   echo "fetch-jars: downloading $artifact into $REPO"
   mvn -q -B dependency:get -Dartifact="$artifact" -Dmaven.repo.local="$REPO" "$@"
@@ -59,4 +63,12 @@ IVY_HOME=${CLUSTERMIX_IVY_HOME:-$HOME/.cache/clustermix/ivy}
 if [ "$FETCHED" = 1 ] && [ -d "$IVY_HOME/cache" ]; then
   echo "fetch-jars: clearing Ivy's cache of earlier resolutions ($IVY_HOME)"
   rm -rf "$IVY_HOME/cache" "$IVY_HOME/jars"
+fi
+
+if [ -n "${CLUSTERMIX_JARS_DIR:-}" ]; then
+  mkdir -p "$CLUSTERMIX_JARS_DIR"
+  for jar in "${JARS[@]}"; do
+    ln -f "$jar" "$CLUSTERMIX_JARS_DIR/" 2>/dev/null || cp -f "$jar" "$CLUSTERMIX_JARS_DIR/"
+    echo "fetch-jars: $(basename "$jar") -> $CLUSTERMIX_JARS_DIR"
+  done
 fi

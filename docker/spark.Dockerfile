@@ -17,21 +17,21 @@ COPY jobs jobs
 COPY conf conf
 COPY deploy/fetch-jars.sh deploy/fetch-jars.sh
 
-# The project with the exact versions pinned in pyproject.toml, in a venv first on PATH, so that
-# `python3` on the executors (PySpark's default) is this one.
-RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
+# The project with the exact versions pinned in pyproject.toml, its `spark` extra (pyspark,
+# delta-spark) included, in a venv first on PATH, so that `python3` on the executors (PySpark's
+# default) is this one.
+RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir ".[spark]"
 ENV PATH=/opt/venv/bin:$PATH \
     PYSPARK_PYTHON=/opt/venv/bin/python \
     HF_HUB_OFFLINE=1
 
-# Bake the Delta jars into Spark's classpath (conf/cluster.yaml: spark.delta_jars: none).
-# fetch-jars.sh reads the Delta version from the installed delta-spark.
-ARG DELTA_VERSION=4.0.0
-RUN PYTHON=/opt/venv/bin/python CLUSTERMIX_MAVEN_REPO=/tmp/m2 bash deploy/fetch-jars.sh \
- && cp /tmp/m2/io/delta/delta-spark_2.13/${DELTA_VERSION}/delta-spark_2.13-${DELTA_VERSION}.jar \
-       /tmp/m2/io/delta/delta-storage/${DELTA_VERSION}/delta-storage-${DELTA_VERSION}.jar \
-       "$SPARK_HOME/jars/" \
- && rm -rf /tmp/m2 \
+# Bake the jars into Spark's classpath (conf/cluster.yaml: spark.delta_jars: none): fetch-jars.sh
+# resolves them from the installed packages, exactly as `make setup` does (Delta at the delta-spark
+# version, hadoop-aws at pyspark's Hadoop with the AWS SDK bundle and wildfly-openssl its POM names,
+# for s3:// lakes), and puts each into $SPARK_HOME/jars.
+RUN PYTHON=/opt/venv/bin/python CLUSTERMIX_MAVEN_REPO=/tmp/m2 CLUSTERMIX_JARS_DIR="$SPARK_HOME/jars" \
+      bash deploy/fetch-jars.sh \
+ && rm -rf /tmp/m2 /root/.m2 \
  && apt-get purge -y --auto-remove maven
 
 # Back to the base image's work dir: executors write fetched files (--py-files) into their cwd.

@@ -1,7 +1,9 @@
 """Airflow DAG: the clustermix nightly refresh at 02:00, then the run's report.
 
-Copy this file into the Airflow dags folder; set CLUSTERMIX_HOME, where Airflow parses and runs the
-DAG, to a checkout where `make setup` has run (default /opt/clustermix). `clustermix refresh` is one
+Copy this file into the Airflow dags folder of an Airflow installed from deploy/airflow/requirements.txt
+(its own environment, not the project's .venv); set CLUSTERMIX_HOME, where Airflow parses and runs the
+DAG, to a checkout where `make setup` has run (default /opt/clustermix), and CLUSTERMIX_CONFIG to use
+another config than conf/nightly.yaml. `clustermix refresh` is one
 task because it decides inside (new files or not, keep the clustering or refit on drift) and is
 idempotent: a retried or repeated task writes no data table twice. Set `spark.master` and
 `ray.address` in conf/nightly.yaml to run it against clusters instead of locally.
