@@ -9,8 +9,9 @@ own, none of them with Java on its PATH) and a Spark standalone cluster (a maste
     deploy/ray-job.sh --config C
     STAGES="stats sample blend" deploy/spark-submit.sh --config C
 
-and, with ``--new-file``, two nightly refreshes against the same clusters (``clustermix refresh``:
-the first adopts the lake, the second takes one new input file). Every process it starts is stopped
+and, with ``--new-file``, two nightly refreshes against the same clusters (``STAGES=refresh
+deploy/spark-submit.sh ... --set ray.address=<head>:<port>`` from a Ray node: the first adopts the lake,
+the second takes one new input file). Every process it starts is stopped
 when it ends, also on failure or Ctrl-C.
 
     .venv/bin/python deploy/rehearse.py --workdir /tmp/rehearsal --input data/ [--lake s3://b/lake]
@@ -118,7 +119,7 @@ def wait_for(what: str, check: Any, timeout: float = 120) -> None:
 
 def start_ray(procs: Processes, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
     """A head and two workers; the job server (dashboard) on the head."""
-    gcs, dash, client = free_port(), free_port(), free_port()
+    gcs, dash = free_port(), free_port()
 
     def node_ports() -> list[str]:  # a node's agents on ports of their own: not the defaults another Ray holds
         return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
@@ -126,7 +127,7 @@ def start_ray(procs: Processes, tmp: Path, env: dict[str, str]) -> dict[str, Any
 
     common = ["--num-gpus", "0", "--disable-usage-stats", "--block"]
     procs.start("ray-head", [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+                             "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
                              "--num-cpus", "1", "--resources", '{"rehearsal_head": 1}',
                              "--temp-dir", str(tmp / "ray"), *node_ports(), *common], env)
     url = f"http://127.0.0.1:{dash}"
@@ -270,13 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "stats sample blend"}, commands,
             f'STAGES="stats sample blend" deploy/spark-submit.sh --config {cfg}')
         if args.new_file:
-            nightly = rehearsal_config(work / "nightly.yaml", lake, args.input, args.format, [
-                f"spark.master={master}", "spark.delta_jars=local-m2", f"ray.address={ray_info['address']}",
-                *args.overrides])
-            refresh = [str(BIN / "clustermix"), "refresh", "--config", str(nightly)]
-            run(refresh, env, commands, f"clustermix refresh --config {nightly}")
+            # the refresh drives both engines from one driver: Spark's, submitted like the Spark stages,
+            # on a machine that is a node of the Ray cluster (here the head's), connected to the head's
+            # GCS address. Not Ray Client (ray://): Ray Data cannot run through it (rehearsed: its
+            # executor fails with "'Worker' object has no attribute 'core_worker'")
+            c = ["--config", str(cfg), "--set", f"ray.address={ray_info['address']}"]
+            shown = f"STAGES=refresh deploy/spark-submit.sh --config {cfg} --set ray.address=<head>:<port>"
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands, shown)
             shutil.copy(args.new_file, Path(args.input) / args.new_file.name)
-            run(refresh, env, commands, f"clustermix refresh --config {nightly}   # one new input file")
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands,
+                shown + "   # one new input file")
     finally:
         started = [name for name, _ in procs.started]
         procs.stop()
