@@ -298,8 +298,8 @@ def _run(rep: dict[str, Any], figs: dict[str, str]) -> str:
 SECTIONS = (
     ("accounting", "Input accounting"), ("clusters", "Clusters before and after sampling"),
     ("under", "Under-represented clusters"), ("domains", "Domains before and after"),
-    ("levels", "Balance per level: groups, then clusters"),
-    ("draws", "Draws per document"), ("blend", "Blend: the final mix"), ("quality", "Quality"),
+    ("draws", "Draws per document"), ("blend", "Blend: the final mix"),
+    ("levels", "Balance per level: groups, then clusters"), ("quality", "Quality"),
     ("search", "Mixture search"), ("run", "Run: stages, versions, config"),
 )
 
