@@ -132,3 +132,31 @@ def test_same_inputs_config_and_seed_give_an_identical_blend(pipeline, spark, tm
         return sorted(tuple(r) for r in tableio.read(spark, lake, "blended").select(*cols).collect())
 
     assert content(again.lake) == content(run.lake)
+
+
+def test_two_level_balance_reruns_sample_and_blend_and_lifts_the_small_topics(pipeline, spark, tmp_path):
+    import shutil
+
+    from clustermix.report import build_report
+
+    cfg, run = pipeline
+    root = tmp_path / "levels"
+    shutil.copytree(run.lake.root, root)
+    again = run_stages(make_config(root, cfg.input.path, sample={"balance": "groups_then_clusters"}), spark=spark)
+    status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
+    assert status["stats"] == "skipped" and status["sample"] == "ran" and status["blend"] == "ran"
+    counts = again.manifest["stages"]["sample"]["counts"]
+    mix = {d: v["draws"] for d, v in again.manifest["stages"]["blend"]["counts"]["draws_by_domain"].items()}
+    assert mix == counts["draws_per_group"] and sum(mix.values()) == cfg.sample.budget
+    flat = {d: v["draws"] for d, v in run.manifest["stages"]["blend"]["counts"]["draws_by_domain"].items()}
+    for topic in ("politics", "tech", "entertainment"):  # the three smallest topics of the slice
+        assert mix[topic] > flat[topic], (topic, mix, flat)
+    rows = tableio.read(spark, again.lake, "blended").collect()
+    assert sorted(r["position"] for r in rows) == list(range(cfg.sample.budget))
+    per_doc: dict[str, int] = {}
+    for r in rows:
+        per_doc[r["id"]] = per_doc.get(r["id"], 0) + 1
+    assert max(per_doc.values()) <= cfg.sample.clip
+    lv = build_report(str(root), again.run_id)["levels"]
+    assert lv["balance"] == "groups_then_clusters" and lv["groups"]["draws_from"] == "the allocation (exact)"
+    assert set(lv["groups"]["lost_share"]) <= {"business", "sports"}

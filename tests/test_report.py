@@ -182,6 +182,61 @@ def test_draws_histogram_from_the_plan_when_the_manifest_lacks_it(tiny_lake):
     assert any("draws per document" in n for n in rep["notes"])
 
 
+def _cells(column: str, rows: list[tuple[int, str, int]]) -> Any:
+    import pyarrow as pa
+
+    return pa.table({"cluster_id": pa.array([r[0] for r in rows], pa.int32()),
+                     "group_column": [column] * len(rows), "group": [r[1] for r in rows],
+                     "n_docs": pa.array([r[2] for r in rows], pa.int64()),
+                     "n_tokens": pa.array([100 * r[2] for r in rows], pa.int64())})
+
+
+def test_levels_name_every_group_that_lost_share(tiny_lake):
+    # cluster mode, groups = domains: the group level's draws are the blend's, exact
+    rid = "20260101T000000Z-aaaaaa"
+    _write_tables(tiny_lake, cell_stats=_cells("domain", [(0, "news", 9), (1, XSS_DOMAIN, 1)]))
+    rep = build_report(str(tiny_lake), rid)
+    lv = rep["levels"]
+    assert lv["available"] and lv["balance"] == "clusters" and lv["group_column"] == "domain"
+    assert lv["groups"]["draws_from"] == "the blended table (exact)"
+    news = lv["groups"]["rows"][0]
+    assert (news["name"], news["docs"], news["draws"]) == ("news", 9, 10)
+    assert news["share_before"] == pytest.approx(0.9) and news["share_after"] == pytest.approx(10 / 13)
+    assert lv["groups"]["lost_share"] == ["news"] and lv["clusters"]["lost_share"] == [0]
+    _, html_uri = write_report(str(tiny_lake), rid)
+    page = Path(html_uri).read_text()
+    assert "1 of 2 group(s) lost share:</b> news." in page and "Level 2: clusters" in page
+
+
+def test_levels_in_two_level_mode_come_from_the_allocation(tiny_lake):
+    rid = "20260101T000000Z-aaaaaa"
+    _write_tables(tiny_lake, cell_stats=_cells("lang", [(0, "en", 5), (0, "de", 4), (1, "en", 1)]))
+    m = _manifest(rid)
+    m["stages"]["sample"]["counts"].update({"balance": "groups_then_clusters", "group_column": "lang",
+                                            "draws_per_group": {"de": 6, "en": 7},
+                                            "group_targets": {"de": 0.5, "en": 0.5}})
+    (tiny_lake / "runs" / rid / "manifest.json").write_text(json.dumps(m))
+    lv = build_report(str(tiny_lake), rid)["levels"]
+    assert lv["balance"] == "groups_then_clusters" and lv["groups"]["draws_from"] == "the allocation (exact)"
+    assert [(r["name"], r["docs"], r["draws"], r["target"]) for r in lv["groups"]["rows"]] == [
+        ("en", 6, 7, 0.5), ("de", 4, 6, 0.5)]
+    assert lv["groups"]["lost_share"] == ["en"]
+    # cluster mode over another column: expected draws, cluster 0's 10 draws spread 5:4 over en and de
+    m["stages"]["sample"]["counts"] = _manifest(rid)["stages"]["sample"]["counts"]
+    (tiny_lake / "runs" / rid / "manifest.json").write_text(json.dumps(m))
+    lv = build_report(str(tiny_lake), rid)["levels"]
+    assert lv["groups"]["draws_from"].startswith("expected")
+    got = {r["name"]: r["draws"] for r in lv["groups"]["rows"]}
+    assert got == pytest.approx({"en": 10 * 5 / 9 + 3, "de": 10 * 4 / 9})
+
+
+def test_levels_without_cell_stats(tiny_lake):
+    rep = build_report(str(tiny_lake), "20260101T000000Z-aaaaaa")
+    assert rep["levels"] == {"available": False, "balance": "clusters"}
+    _, html_uri = write_report(str(tiny_lake), "20260101T000000Z-aaaaaa")
+    assert "no per-level figures" in Path(html_uri).read_text()
+
+
 # --- headless Chromium ------------------------------------------------------------------------
 
 
@@ -340,7 +395,7 @@ def test_report_html_is_self_contained(written):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
     assert {v for tag, k, v in parser.refs if tag == "a"} <= {f"#{s}" for s in (
-        "accounting", "clusters", "under", "domains", "draws", "blend", "quality", "search", "run")}
+        "accounting", "clusters", "under", "domains", "levels", "draws", "blend", "quality", "search", "run")}
     assert run.run_id in page and NO_SEARCH in page
 
 

@@ -144,21 +144,24 @@ class ClusterSizes:
 
 def allocate_docs(sizes: ClusterSizes, targets: np.ndarray, scfg: SampleConfig) -> tuple[np.ndarray, dict[str, Any]]:
     """Draws per cluster (in documents) for ``targets``, with the budget counted in ``scfg.unit``."""
-    if scfg.unit == "docs":
-        alloc = allocate(sizes.n_docs, targets, scfg.budget, scfg.clip)
-        draws = alloc.draws
-    else:
-        alloc = allocate(sizes.n_tokens, targets, scfg.budget, scfg.clip)
-        # a cluster's token draws become document draws at the cluster's mean document length
-        with np.errstate(divide="ignore", invalid="ignore"):
-            draws = np.where(sizes.n_tokens > 0, np.rint(alloc.draws / sizes.n_tokens * sizes.n_docs), 0)
-        draws = np.minimum(draws.astype(np.int64), scfg.clip * sizes.n_docs)
+    alloc = allocate(sizes.n_docs if scfg.unit == "docs" else sizes.n_tokens, targets, scfg.budget, scfg.clip)
+    draws = to_doc_draws(alloc.draws, sizes.n_docs, sizes.n_tokens, scfg.unit, scfg.clip)
     info = {
         "unit": scfg.unit, "budget": scfg.budget, "clip": scfg.clip, "cap": alloc.cap,
         "allocated": alloc.total, "shortfall": alloc.shortfall, "lambda": None if np.isinf(alloc.lam) else alloc.lam,
         "clusters_at_clip": int(alloc.clipped.sum()), "draws": int(draws.sum()),
     }
     return draws, info
+
+
+def to_doc_draws(draws: np.ndarray, n_docs: np.ndarray, n_tokens: np.ndarray, unit: str, clip: int) -> np.ndarray:
+    """Draws counted in ``unit`` as document draws: token draws become document draws at the mean
+    document length of their cluster (or cell), never past the clip."""
+    if unit == "docs":
+        return np.asarray(draws, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        docs = np.where(n_tokens > 0, np.rint(draws / n_tokens * n_docs), 0)
+    return np.minimum(docs.astype(np.int64), clip * n_docs)
 
 
 def draws_histogram(n_docs: np.ndarray, draws: np.ndarray) -> dict[str, int]:

@@ -153,6 +153,27 @@ class SampleConfig(_Section):
     seed: int = 1234
     within: Literal["uniform", "quality"] = "uniform"
     order: Literal["random", "stratified", "g2s", "s2g"] = "stratified"
+    # clusters: ClusterClip across clusters. groups_then_clusters: water-fill the budget across the
+    # values of group_column first (a topically diverse source spans many clusters and would gain
+    # share from equal cluster shares), then ClusterClip across the clusters inside each group
+    balance: Literal["clusters", "groups_then_clusters"] = "clusters"
+    group_column: str = "domain"  # a column of docs; documents without a value form their own group
+    group_weights: dict[str, float] = Field(default_factory=dict)  # target weight per group; unnamed: 1
+
+    @field_validator("group_column")
+    @classmethod
+    def _column_name(cls, v: str) -> str:
+        if not v.strip() or "`" in v:
+            raise ValueError("must name a column of docs")
+        return v
+
+    @field_validator("group_weights")
+    @classmethod
+    def _group_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, w in v.items():
+            if not (w >= 0 and w != float("inf")):
+                raise ValueError(f"weight of group {name!r} must be finite and >= 0")
+        return v
 
 
 class BlendConfig(_Section):

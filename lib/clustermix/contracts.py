@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from clustermix.errors import ClustermixError
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import Column, DataFrame
 
 # how a document without a domain is named in cluster_stats' domain histograms and the blend's mix
 NO_DOMAIN = "(none)"
@@ -35,12 +35,23 @@ CONTRACTS: dict[str, dict[str, str]] = {
         "cluster_id": "int", "n_docs": "bigint", "n_tokens": "bigint", "share": "double",
         "token_share": "double", "below_threshold": "boolean",
     },
+    # one row per (cluster, group) cell with documents; group: the value of sample.group_column
+    "cell_stats": {"cluster_id": "int", "group_column": "string", "group": "string", "n_docs": "bigint",
+                   "n_tokens": "bigint"},
     "sample_plan": {"id": "string", "cluster_id": "int", "draw": "int", "position": "bigint", "phase": "string"},
     "blended": {
         "id": "string", "text": "string", "cluster_id": "int", "domain": "string", "quality": "double",
         "draw": "int", "position": "bigint", "phase": "string",
     },
 }
+
+
+def group_value(column: str) -> Column:
+    """The group of a document: ``column`` of docs as a string, or :data:`NO_DOMAIN` where it is null.
+    One expression for the stats (cell sizes) and the sample (cell members), so the two always agree."""
+    from pyspark.sql import functions as F
+
+    return F.coalesce(F.col(f"`{column}`").cast("string"), F.lit(NO_DOMAIN))
 
 
 class ContractError(ClustermixError):

@@ -12,6 +12,10 @@ ranked after each prefix counts it in the same window, and a cluster whose prefi
 the job instead of drawing too few (odds below 1e-15 per cluster: the margin is 8 binomial
 standard deviations).
 
+The unit of allocation is a cluster, or with two-level balancing a (cluster, group) cell: the plan
+ranks, spreads and orders within whatever ``key`` column names it (``cluster_id``, or ``cell``),
+and ``cluster_id`` travels along for the plan's columns.
+
 Positions come from K numbers, never from a global sort. The items before round ``j`` (g2s, s2g)
 or before a fraction of the way through (stratified) are a sum over clusters that the driver
 computes, so the items are split into groups of known offsets and ranked only within their group;
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 
     from clustermix.clusterclip import ClusterSizes
     from clustermix.config import SampleConfig
+    from clustermix.levels import CellSizes
 
 ORDERS = ("random", "stratified", "g2s", "s2g")
 LONG_MAX = 2**63 - 1
@@ -47,7 +52,7 @@ ROUNDS_PER_COLUMN = 2  # permutation rounds nested in one column (see permute)
 
 @dataclass(frozen=True)
 class Counts:
-    """The K numbers of an allocation, in cluster order: documents ``n`` and draws ``a``."""
+    """The K numbers of an allocation, in cluster (or cell) order: documents ``n`` and draws ``a``."""
 
     cluster_id: np.ndarray
     n: np.ndarray
@@ -63,7 +68,7 @@ class Counts:
     def total(self) -> int:
         return int(self.a.sum())
 
-    def frame(self, spark: SparkSession, within: str) -> DataFrame:
+    def frame(self, spark: SparkSession, within: str, key: str = "cluster_id") -> DataFrame:
         """Per cluster with draws: sizes, ``base``/``extra`` draws, candidate threshold, offset.
 
         Handed to Spark as an Arrow table, which Spark keeps as a local relation: broadcasting it
@@ -79,7 +84,7 @@ class Counts:
         t = [candidate_threshold(int(nk), int(ek)) if within == "uniform" and bk == 0 else LONG_MAX
              for nk, ek, bk in zip(n.tolist(), extra.tolist(), base.tolist(), strict=True)]
         table = pa.table({
-            "cluster_id": pa.array(self.cluster_id[keep], pa.int32()), "n_k": pa.array(n, pa.int64()),
+            key: pa.array(self.cluster_id[keep], pa.int32()), "n_k": pa.array(n, pa.int64()),
             "a_k": pa.array(a, pa.int64()), "base": pa.array(base, pa.int64()), "extra": pa.array(extra, pa.int64()),
             "t_k": pa.array(t, pa.int64()), "off_k": pa.array(off[keep], pa.int64()),
         })
@@ -95,10 +100,11 @@ def candidate_threshold(n: int, extra: int) -> int:
     return max(int(want / n * 2.0**64) - 2**63, -(2**63))
 
 
-def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> DataFrame:
-    """Explode each drawn cluster member into its draws: (id, cluster_id, draw, j, n_k, a_k, off_k).
+def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str, key: str = "cluster_id") -> DataFrame:
+    """Explode each drawn cluster member into its draws: (id, cluster_id, [key,] draw, j, n_k, a_k, off_k).
 
-    ``members`` has ``id``, ``cluster_id`` and, for ``within='quality'``, ``quality``.
+    ``members`` has ``id``, ``cluster_id``, ``key`` (when it is another column: the cell) and, for
+    ``within='quality'``, ``quality``; ``counts`` is per value of ``key``.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -107,22 +113,23 @@ def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> Dat
     keys: list[Column] = [F.col("_h"), F.col("id")]
     if within == "quality":
         keys = [F.col("quality").desc_nulls_last(), *keys]
-    alloc = counts.frame(members.sparkSession, within)
+    alloc = counts.frame(members.sparkSession, within, key)
+    carried = [] if key == "cluster_id" else ["cluster_id"]
     # the rank's shuffle carries only what the rank orders by; the cluster's numbers join back after
     # it (a broadcast of K rows): a third fewer bytes shuffled (99.9 -> 65.1 MB at 4M documents).
     # Each DataFrame call is analysed on the driver as it is made (tens of ms), so the steps are
     # folded into as few calls as the plan allows
     quality = ["quality"] if within == "quality" else []
-    candidates = (members.join(F.broadcast(alloc.select("cluster_id", "t_k")), "cluster_id")
+    candidates = (members.join(F.broadcast(alloc.select(key, "t_k")), key)
                   .where(tie <= F.col("t_k"))
-                  .select("cluster_id", "id", tie.alias("_h"), F.lit(False).alias("_s"), *quality))
+                  .select(key, *carried, "id", tie.alias("_h"), F.lit(False).alias("_s"), *quality))
     # one sentinel per cut cluster, after its whole prefix (real hashes there are <= t_k < LONG_MAX):
     # its rank is the prefix's size, so even an empty prefix is caught
     sentinels = alloc.where(F.col("t_k") < LONG_MAX).select(
-        "cluster_id", F.lit(None).cast("string").alias("id"), F.lit(LONG_MAX).alias("_h"), F.lit(True).alias("_s"))
+        key, F.lit(None).cast("string").alias("id"), F.lit(LONG_MAX).alias("_h"), F.lit(True).alias("_s"))
     ranked = candidates.unionByName(sentinels, allowMissingColumns=True).withColumn(
-        "r", (F.row_number().over(Window.partitionBy("cluster_id").orderBy(*keys)) - 1).cast("bigint")
-    ).join(F.broadcast(alloc.drop("t_k")), "cluster_id")
+        "r", (F.row_number().over(Window.partitionBy(key).orderBy(*keys)) - 1).cast("bigint")
+    ).join(F.broadcast(alloc.drop("t_k")), key)
     n_draws = (F.col("base") + F.when(F.col("r") < F.col("extra"), 1).otherwise(0)).cast("int")
     # one expression, so no rewrite can evaluate the row filter without the check
     keep = F.when(F.col("_s"), F.when(F.col("r") < F.col("extra"), F.raise_error(F.lit(
@@ -132,7 +139,7 @@ def doc_draws(members: DataFrame, counts: Counts, seed: int, within: str) -> Dat
     # yields (d, j) in one generator
     last = F.col("r") + (n_draws.cast("bigint") - 1) * F.col("n_k")
     return ranked.where(keep).select(
-        "id", "cluster_id", F.posexplode(F.sequence(F.col("r"), last, F.col("n_k"))).alias("draw", "j"),
+        "id", "cluster_id", *([] if key == "cluster_id" else [key]), F.posexplode(F.sequence(F.col("r"), last, F.col("n_k"))).alias("draw", "j"),
         "n_k", "a_k", "off_k")
 
 
@@ -212,9 +219,10 @@ def _int_literal(v: int) -> str:
     return f"CAST({v} AS INT)" if -(2**31) <= v < 2**31 else f"CAST({v} AS BIGINT)"
 
 
-def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min: int, partitions: int) -> DataFrame:
+def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min: int, partitions: int,
+                  key: str = "cluster_id") -> DataFrame:
     """The plan's columns (id, cluster_id, draw, position, phase) for a training order (see DESIGN.md):
-    ``position`` is a permutation of 0..B-1."""
+    ``position`` is a permutation of 0..B-1. Rounds (g2s, s2g) go over the values of ``key``."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -226,7 +234,7 @@ def with_position(items: DataFrame, counts: Counts, order: str, seed: int, a_min
         return _plan_columns(permute(items, "off_k + j", max(total, 1), seed, "position"), F.col("position"),
                              F.lit("random"))
     groups = max(1, partitions) * GROUPS_PER_PARTITION
-    cluster_rank = F.xxhash64(F.lit(seed + 1), F.col("cluster_id"))
+    cluster_rank = F.xxhash64(F.lit(seed + 1), F.col(key))
     unique = [F.col("id"), F.col("draw")]
     if order == "stratified":
         # item j of cluster k sits at (j + ½)/a_k of the way through: every prefix keeps the mix
@@ -259,19 +267,26 @@ def _plan_columns(df: DataFrame, position: Column, phase: Column) -> DataFrame:
 
 
 def build_plan(members: DataFrame, counts: Counts, *, seed: int, within: str, order: str, a_min: int,
-               partitions: int) -> DataFrame:
-    """The whole per-document plan: (id, cluster_id, draw, position, phase) for the K numbers ``counts``."""
-    return with_position(doc_draws(members, counts, seed, within), counts, order, seed, a_min, partitions)
+               partitions: int, key: str = "cluster_id") -> DataFrame:
+    """The whole per-document plan: (id, cluster_id, draw, position, phase) for the K numbers ``counts``
+    (one per value of ``key``)."""
+    return with_position(doc_draws(members, counts, seed, within, key), counts, order, seed, a_min, partitions, key)
 
 
 def make_plan(spark: SparkSession, members: DataFrame, sizes: ClusterSizes, draws: np.ndarray,
               scfg: SampleConfig, partitions: int) -> DataFrame:
     """The per-document plan for a K-vector of draws."""
-    counts = Counts.of(sizes.cluster_id, sizes.n_docs, draws)
+    return plan_for(members, sizes.cluster_id, sizes.n_docs, draws, scfg, partitions)
+
+
+def plan_for(members: DataFrame, keys: np.ndarray, n_docs: np.ndarray, draws: np.ndarray, scfg: SampleConfig,
+             partitions: int, key: str = "cluster_id") -> DataFrame:
+    """The per-document plan for draws per value of ``key`` (clusters, or cells), with ``n_docs`` each."""
+    counts = Counts.of(keys, n_docs, draws)
     active = draws[draws > 0]
     a_min = int(active.min()) if len(active) else 0
     return build_plan(members, counts, seed=scfg.seed, within=scfg.within, order=scfg.order, a_min=a_min,
-                           partitions=partitions)
+                      partitions=partitions, key=key)
 
 
 def members_frame(assignments: DataFrame, docs: DataFrame, within: str) -> DataFrame:
@@ -279,3 +294,22 @@ def members_frame(assignments: DataFrame, docs: DataFrame, within: str) -> DataF
     if within == "quality":
         return assignments.select("id", "cluster_id").join(docs.select("id", "quality"), "id")
     return assignments.select("id", "cluster_id")
+
+
+def cell_members(spark: SparkSession, assignments: DataFrame, docs: DataFrame, cells: CellSizes, group_column: str,
+                 within: str) -> DataFrame:
+    """The members of each (cluster, group) cell: (id, cluster_id, cell[, quality]). Each document's
+    group comes from the same expression the stats used for the cells' sizes; the C cells reach the
+    join as a broadcast Arrow table."""
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    from clustermix.contracts import group_value
+
+    table = pa.table({"cluster_id": pa.array(cells.cluster_id, pa.int32()), "group": pa.array(cells.group, pa.string()),
+                      "cell": pa.array(cells.cell, pa.int32())})
+    quality = ["quality"] if within == "quality" else []
+    grouped = docs.select("id", group_value(group_column).alias("group"), *quality)
+    return (assignments.select("id", "cluster_id").join(grouped, "id")
+            .join(F.broadcast(spark.createDataFrame(table)), ["cluster_id", "group"])
+            .select("id", "cluster_id", "cell", *quality))

@@ -35,10 +35,15 @@ STAGES: tuple[Stage, ...] = (
           help="embeddings without an assignment -> assignments to the existing centroids, or a refit when "
                "drift passes the refresh.* thresholds (what a refresh runs instead of cluster)",
           run="clustermix.assign:run", inputs="clustermix.assign:stage_inputs", in_run=False, engine="ray"),
-    Stage("stats", reads=("docs", "assignments", "centroids"), writes=("cluster_stats",), fingerprint=("stats",),
-          help="docs + assignments -> cluster_stats (Spark)", run="clustermix.stats:run"),
-    Stage("sample", reads=("cluster_stats", "assignments", "docs"), writes=("sample_plan",), fingerprint=("sample",),
-          help="cluster_stats -> sample_plan (ClusterClip, Spark)", run="clustermix.sample:run"),
+    # the cells of cell_stats are (cluster, value of sample.group_column)
+    Stage("stats", reads=("docs", "assignments", "centroids"), writes=("cluster_stats", "cell_stats"),
+          fingerprint=("stats", "sample.group_column"),
+          help="docs + assignments -> cluster_stats, cell_stats (Spark)", run="clustermix.stats:run"),
+    # the whole sample section: budget, clip, order, and balance, group_column, group_weights
+    Stage("sample", reads=("cluster_stats", "cell_stats", "assignments", "docs"), writes=("sample_plan",),
+          fingerprint=("sample",),
+          help="cluster_stats (+ cell_stats) -> sample_plan (ClusterClip, optionally across groups first; Spark)",
+          run="clustermix.sample:run"),
     Stage("search", reads=("docs", "assignments", "centroids"), writes=("mixtures",),
           fingerprint=("search", "sample.clip"),
           ignore=("search.gpus_per_proxy", "search.cpus_per_proxy", "search.torch_threads", "search.device"),

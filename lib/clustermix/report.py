@@ -275,6 +275,68 @@ def _blend(run: _Run, cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, 
             "weights_per_domain": _shares(per_domain)}
 
 
+def _level_rows(before: dict[str, int], after: dict[str, float], targets: dict[str, float] | None = None,
+                ) -> list[dict[str, Any]]:
+    """One row per name: documents and draws, their shares, the change in share, and whether it lost share."""
+    share_b, total = _shares(before), sum(after.values())
+    rows = []
+    for name in sorted(before, key=lambda n: (-before[n], n)):
+        b, a = share_b.get(name, 0.0), (after.get(name, 0) / total if total else 0.0)
+        rows.append({"name": name, "docs": before[name], "share_before": b, "draws": after.get(name, 0),
+                     "share_after": a, "change": a - b, "lost_share": a < b - 1e-12,
+                     "target": None if targets is None else targets.get(name)})
+    return rows
+
+
+def _levels(run: _Run, cfg: dict[str, Any], sample: dict[str, Any], blend: dict[str, Any]) -> dict[str, Any]:
+    """Shares before and after at each level of the balancing: the groups (values of
+    ``sample.group_column``, from ``cell_stats``: C rows), then the clusters; and every group that lost share.
+
+    The group level's draws are exact from the allocation in ``groups_then_clusters`` mode, and from
+    the blend's draws per domain when the groups are the domains; otherwise (cluster mode, another
+    column) they are expected values: cluster k's draws spread over its groups in proportion to their
+    documents, which is how the plan draws inside a cluster, up to the seeded choice."""
+    scfg = cfg.get("sample") or {}
+    balance = sample.get("balance") or scfg.get("balance") or "clusters"
+    cells = run.table("cell_stats")
+    if cells is None:
+        return {"available": False, "balance": balance}
+    rows = cells.to_pyarrow_table(columns=["cluster_id", "group_column", "group", "n_docs"]).to_pylist()  # C rows
+    column = next((r["group_column"] for r in rows), scfg.get("group_column"))
+    group_docs: dict[str, int] = {}
+    cluster_docs: dict[int, int] = {}
+    for r in rows:
+        group_docs[r["group"]] = group_docs.get(r["group"], 0) + int(r["n_docs"])
+        cluster_docs[int(r["cluster_id"])] = cluster_docs.get(int(r["cluster_id"]), 0) + int(r["n_docs"])
+    cluster_draws = {int(k): int(v) for k, v in (sample.get("draws_per_cluster") or {}).items()}
+    group_draws: dict[str, float]
+    if sample.get("draws_per_group"):
+        group_draws, draws_from = {g: int(v) for g, v in sample["draws_per_group"].items()}, "the allocation (exact)"
+    elif column == "domain" and blend.get("draws_by_domain") and blend["mode"] == "clusterclip":
+        group_draws = {d: int(v["draws"]) for d, v in blend["draws_by_domain"].items()}
+        draws_from = "the blended table (exact)"
+    else:
+        group_draws = {}
+        for r in rows:
+            k, n = int(r["cluster_id"]), int(r["n_docs"])
+            if cluster_docs.get(k):
+                group_draws[r["group"]] = group_draws.get(r["group"], 0.0) + cluster_draws.get(k, 0) * n / cluster_docs[k]
+        draws_from = "expected from the draws per cluster (cluster mode fixes draws per cluster, not per group)"
+    groups = _level_rows(group_docs, group_draws, sample.get("group_targets"))
+    clusters = _level_rows({str(k): v for k, v in sorted(cluster_docs.items())},
+                           {str(k): v for k, v in cluster_draws.items()})
+    return {
+        "available": True, "balance": balance, "group_column": column,
+        "groups": {"rows": groups, "draws_from": draws_from,
+                   "lost_share": [r["name"] for r in sorted(groups, key=lambda r: r["change"]) if r["lost_share"]],
+                   "shares_before": sample.get("group_shares_before"), "shares_after": sample.get("group_shares_after")},
+        "clusters": {"count": len(clusters), "shares_before": sample.get("shares_before"),
+                     "shares_after": sample.get("shares_after"),
+                     "lost_share": [int(r["name"]) for r in sorted(clusters, key=lambda r: r["change"])
+                                    if r["lost_share"]]},
+    }
+
+
 def _search(run: _Run) -> dict[str, Any]:
     dt = run.table("mixtures")
     if dt is None:
@@ -366,9 +428,10 @@ def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
             "at_clip": [r["cluster_id"] for r in clusters["rows"] if r["at_clip"]],
         },
         "domains": {"before": before, "after": after, "share_before": _shares(before), "share_after": _shares(after)},
+        "levels": _levels(run, cfg, sample, blend),
         "sample": {**{k: sample.get(k) for k in ("unit", "budget", "clip", "cap", "draws", "shortfall",
                                                  "clusters_at_clip", "order", "lambda", "shares_before",
-                                                 "shares_after")},
+                                                 "shares_after", "balance", "group_column", "groups_at_clip")},
                    "draws_per_doc_histogram": hist, "histogram_from": hist_from,
                    "max_draws_per_doc": max((int(k) for k, v in (hist or {}).items() if v), default=None)},
         "blend": blend,

@@ -88,6 +88,12 @@ def _glance(rep: dict[str, Any]) -> str:
         items.append(f"Sample: {_n(sa['draws'])} draws for a budget of {_n(sa['budget'])} {_e(sa['unit'])} "
                      f"(shortfall {_n(sa['shortfall'])}), clip {_n(sa['clip'])}, most draws of one document "
                      f"{_n(sa['max_draws_per_doc'])}{spread}")
+    lv = rep.get("levels") or {}
+    if lv.get("available"):
+        lost = lv["groups"]["lost_share"]
+        items.append(f"Balance: {_e(lv['balance'])}; {len(lv['groups']['rows'])} groups of "
+                     f"<code>{_e(lv['group_column'])}</code>, "
+                     + (f"lost share: {escape(', '.join(lost))}" if lost else "none lost share"))
     items.append(f"Blend: {_e(rep['blend'].get('mode'))}; mixture search: {'ran' if se['ran'] else 'did not run'}")
     return '<ul class="glance">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
@@ -190,6 +196,44 @@ def _domains(rep: dict[str, Any], figs: dict[str, str]) -> str:
             + _table(["domain", "docs", "share before", "draws in the mix", "share after"], rows, (1, 2, 3, 4)))
 
 
+BALANCE = {
+    "clusters": "ClusterClip across clusters: every cluster gets an equal share of the budget, capped at clip × "
+                "its size. A source that spans many clusters can gain share this way.",
+    "groups_then_clusters": "groups, then clusters: the budget is water-filled across the groups first (each capped "
+                            "at clip × its size), then each group's allotment across its clusters.",
+}
+
+
+def _pp(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:+.2f} pp"
+
+
+def _levels(rep: dict[str, Any]) -> str:
+    lv = rep.get("levels") or {}
+    if not lv.get("available"):
+        return "<p>No <code>cell_stats</code> for this run (the stats stage writes it): no per-level figures.</p>"
+    g, c = lv["groups"], lv["clusters"]
+    targeted = any(r["target"] is not None for r in g["rows"])
+    rows = [[_e(r["name"]), _n(r["docs"]), _pct(r["share_before"]), *([_pct(r["target"])] if targeted else []),
+             _n(round(r["draws"]) if isinstance(r["draws"], float) else r["draws"]), _pct(r["share_after"]),
+             (f'<span class="bad">{_pp(r["change"])}</span>' if r["lost_share"] else _pp(r["change"]))]
+            for r in g["rows"]]
+    header = ["group", "docs", "share before", *(["target"] if targeted else []), "draws", "share after", "change"]
+    lost = g["lost_share"]
+    advice = (f'<div class="advice"><b>{len(lost)} of {len(g["rows"])} group(s) lost share:</b> '
+              f"{escape(', '.join(lost))}.</div>" if lost else "<p>No group lost share.</p>")
+    cb, ca = c.get("shares_before") or {}, c.get("shares_after") or {}
+    spread = (f"cluster-share Gini {_n(cb.get('gini'), 3)} → {_n(ca.get('gini'), 3)}; "
+              if cb.get("gini") is not None and ca.get("gini") is not None else "")
+    lost_k = c["lost_share"]
+    return (f"<p>Balance: <b>{_e(lv['balance'])}</b> — {escape(BALANCE.get(str(lv['balance']), ''))}</p>"
+            f"<h3>Level 1: groups (values of <code>{_e(lv['group_column'])}</code>)</h3>"
+            + _table(header, rows, tuple(range(1, len(header))))
+            + f'<p class="muted">Draws per group from {_e(g["draws_from"])}.</p>' + advice
+            + f"<h3>Level 2: clusters</h3><p>{c['count']} clusters; {spread}{len(lost_k)} lost share"
+            + (f" (clusters {escape(', '.join(str(k) for k in lost_k))})" if lost_k else "") + ".</p>")
+
+
 def _draws(rep: dict[str, Any], figs: dict[str, str]) -> str:
     sa = rep["sample"]
     hist = sa.get("draws_per_doc_histogram")
@@ -280,7 +324,8 @@ def _run(rep: dict[str, Any], figs: dict[str, str]) -> str:
 SECTIONS = (
     ("accounting", "Input accounting"), ("clusters", "Clusters before and after sampling"),
     ("under", "Under-represented clusters"), ("domains", "Domains before and after"),
-    ("draws", "Draws per document"), ("blend", "Blend: the final mix"), ("quality", "Quality"),
+    ("draws", "Draws per document"), ("blend", "Blend: the final mix"),
+    ("levels", "Balance per level: groups, then clusters"), ("quality", "Quality"),
     ("search", "Mixture search"), ("run", "Run: stages, versions, config"),
 )
 
@@ -290,7 +335,7 @@ def render(rep: dict[str, Any], figs: dict[str, str]) -> str:
     run = rep["run"]
     body = {
         "accounting": _accounting(rep["accounting"]), "clusters": _clusters(rep, figs), "under": _under(rep),
-        "domains": _domains(rep, figs), "draws": _draws(rep, figs), "blend": _blend(rep, figs),
+        "domains": _domains(rep, figs), "levels": _levels(rep), "draws": _draws(rep, figs), "blend": _blend(rep, figs),
         "quality": _quality(rep, figs), "search": _search(rep, figs), "run": _run(rep, figs),
     }
     outcome_cls = "ok" if run.get("outcome") == "succeeded" else "bad"

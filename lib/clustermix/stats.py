@@ -1,4 +1,6 @@
-"""Stats (Spark): ``docs`` ⋈ ``assignments`` (+ ``centroids``) -> ``cluster_stats``, one row per cluster.
+"""Stats (Spark): ``docs`` ⋈ ``assignments`` (+ ``centroids``) -> ``cluster_stats``, one row per cluster,
+and ``cell_stats``, one row per (cluster, group) cell with documents (the group: ``sample.group_column``),
+which two-level sampling allocates over and the report shows per level.
 
 Also the corpus summary for the manifest (clusters below threshold, entropy and Gini of shares:
 :func:`clustermix.clusterclip.share_summary`), computed from the K rows only.
@@ -11,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clustermix import contracts
-from clustermix.contracts import NO_DOMAIN
+from clustermix.contracts import NO_DOMAIN, group_value
+from clustermix.errors import DataError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -62,14 +65,32 @@ def cluster_stats(docs: DataFrame, assignments: DataFrame, centroids: DataFrame,
     return contracts.check(out, "cluster_stats")
 
 
+def cell_stats(docs: DataFrame, assignments: DataFrame, group_column: str) -> DataFrame:
+    """Per (cluster, group) cell: documents and tokens. A Spark aggregate: C rows, never documents."""
+    from pyspark.sql import functions as F
+
+    if group_column not in docs.columns:
+        raise DataError(f"config error: sample.group_column={group_column!r}: docs has no such column "
+                        f"(columns: {sorted(docs.columns)})")
+    joined = assignments.select("id", "cluster_id").join(
+        docs.select("id", "n_tokens", group_value(group_column).alias("group")), "id")
+    out = joined.groupBy("cluster_id", "group").agg(
+        F.count("*").cast("bigint").alias("n_docs"), F.sum("n_tokens").cast("bigint").alias("n_tokens"),
+    ).withColumn("group_column", F.lit(group_column))  # what the groups are values of: checked by the sample
+    return contracts.check(out.fillna({"n_tokens": 0}), "cell_stats")
+
+
 def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     """The stats stage: ``cluster_stats`` on the pinned inputs, and the share summary (K numbers)."""
     from clustermix import tableio
     from clustermix.clusterclip import share_summary
 
     s, lake, c = ctx.spark, ctx.lake, ctx.cfg.stats
-    df = cluster_stats(tableio.read(s, lake, "docs", inputs["docs"]), tableio.read(s, lake, "assignments", inputs["assignments"]),
-                       tableio.read(s, lake, "centroids", inputs["centroids"]), c.min_share, c.n_exemplars)
+    docs, assignments = tableio.read(s, lake, "docs", inputs["docs"]), tableio.read(s, lake, "assignments", inputs["assignments"])
+    df = cluster_stats(docs, assignments, tableio.read(s, lake, "centroids", inputs["centroids"]), c.min_share,
+                       c.n_exemplars)
+    cells = cell_stats(docs, assignments, ctx.cfg.sample.group_column)  # checks the column before any write
     version = ctx.write("cluster_stats", df)
+    ctx.write("cell_stats", cells)
     sizes = [r["n_docs"] for r in tableio.read(s, lake, "cluster_stats", version).select("n_docs").collect()]  # K rows
     return {"summary": share_summary(np.array(sizes), c.min_share)}
