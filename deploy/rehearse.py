@@ -190,8 +190,10 @@ def rehearsal_config(path: Path, lake: str, input_path: str, input_format: str, 
     tree["lake"]["root"] = lake
     tree["input"].update(path=input_path, format=input_format)
     tree["spark"].update(shuffle_partitions=4)
-    tree["embed"].update(device="cpu", num_actors=2, gpus_per_actor=0, batch_size=32, precision="float32",
-                         torch_threads=1)
+    # two actors of half a CPU each: Ray Data's read tasks need a CPU beside them, also where local
+    # mode runs this config on two CPUs
+    tree["embed"].update(device="cpu", num_actors=2, cpus_per_actor=0.5, gpus_per_actor=0, batch_size=32,
+                         precision="float32", torch_threads=1)
     tree["cluster"].update(k=4, niter=20, num_shards=2, cpus_per_shard=0.25, use_gpu="never")
     tree["sample"].update(budget=150, clip=3)
     tree["blend"].update(broadcast_max_rows=1000)
