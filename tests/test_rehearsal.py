@@ -115,7 +115,7 @@ def assert_same_lake(got: str, want: str) -> None:
     assign = [{r["id"]: (r["cluster_id"], r["score"]) for r in _table(u, "assignments").to_pylist()} for u in (got, want)]
     assert assign[0].keys() == assign[1].keys()
     assert all(assign[0][i][0] == assign[1][i][0] and abs(assign[0][i][1] - assign[1][i][1]) < 1e-4 for i in assign[1])
-    emb = [{r["id"]: np.asarray(r["vector"]) for r in _table(u, "embeddings").to_pylist()} for u in (got, want)]
+    emb = [{r["id"]: np.asarray(r["embedding"]) for r in _table(u, "embeddings").to_pylist()} for u in (got, want)]
     assert emb[0].keys() == emb[1].keys()
     assert max(float(np.abs(emb[0][i] - emb[1][i]).max()) for i in emb[1]) < 1e-4
 

@@ -33,11 +33,13 @@ def delta_package() -> str:
 
 def hadoop_version() -> str:
     """The Hadoop version pyspark bundles (its hadoop-client-api jar): hadoop-aws must be the same."""
-    import pyspark
+    from pyspark.find_spark_home import _find_spark_home
 
-    jars = sorted((Path(pyspark.__file__).parent / "jars").glob("hadoop-client-api-*.jar"))
+    # Spark's home, not pyspark's folder: under spark-submit pyspark is imported from a zip in it
+    home = Path(os.environ.get("SPARK_HOME") or _find_spark_home())
+    jars = sorted((home / "jars").glob("hadoop-client-api-*.jar"))
     if not jars:
-        raise ClustermixError("no hadoop-client-api jar in pyspark's jars: cannot tell which hadoop-aws to use")
+        raise ClustermixError(f"no hadoop-client-api jar in {home}/jars: cannot tell which hadoop-aws to use")
     return jars[0].name.removeprefix("hadoop-client-api-").removesuffix(".jar")
 
 
