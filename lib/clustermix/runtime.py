@@ -17,6 +17,8 @@ from clustermix.config import Config, ConfigError, SparkConfig
 from clustermix.errors import ClustermixError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
@@ -163,24 +165,25 @@ def spark_session(cfg: Config) -> SparkSession:
         spark.sparkContext.pythonExec = sys.executable
     spark.sparkContext.setLogLevel("ERROR")
     _require_class(spark, "io.delta.sql.DeltaSparkSessionExtension", "spark.delta_jars", sc.delta_jars,
-                   f"the Delta jar ({delta_package()}) is not on Spark's classpath")
+                   lambda: f"the Delta jar ({delta_package()}) is not on Spark's classpath")
     if s3:
         _require_class(spark, "org.apache.hadoop.fs.s3a.S3AFileSystem", "spark.delta_jars", sc.delta_jars,
-                       f"the lake or input is on s3:// but hadoop-aws ({s3a_package()}) is not on Spark's classpath")
+                       lambda: f"the lake or input is on s3:// but hadoop-aws ({s3a_package()}) is not on Spark's "
+                               "classpath")
     from clustermix import console
 
     console.engines_started()
     return spark
 
 
-def _require_class(spark: SparkSession, name: str, key: str, value: str, problem: str) -> None:
+def _require_class(spark: SparkSession, name: str, key: str, value: str, problem: Callable[[], str]) -> None:
     """A missing jar, named at once: otherwise Spark only warns and the first Delta or s3a call fails
-    deep inside a stage."""
+    deep inside a stage. ``problem`` is worded only on failure (naming the jar reads Spark's home)."""
     jvm: Any = spark._jvm
     try:
         jvm.java.lang.Class.forName(name, False, jvm.java.lang.Thread.currentThread().getContextClassLoader())
     except Exception:
-        raise ConfigError(key, value, f"{problem}: give it to spark-submit (--packages "
+        raise ConfigError(key, value, f"{problem()}: give it to spark-submit (--packages "
                           "`clustermix spark-packages`; deploy/spark-submit.sh does) or bake it into the image") from None
 
 
