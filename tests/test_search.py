@@ -233,7 +233,7 @@ def searched(pipeline, spark, ray_local):
     return cfg, run, counts, writer
 
 
-def test_search_writes_the_mixtures_table(searched):
+def test_search_writes_the_mixtures_table(searched, spark):
     from deltalake import DeltaTable
 
     from clustermix import deltalog
@@ -243,6 +243,10 @@ def test_search_writes_the_mixtures_table(searched):
     rows = sorted(DeltaTable(uri).to_pyarrow_table().to_pylist(),
                   key=lambda r: (r["iteration"], r["kind"] != "uniform", r["mixture_id"]))
     assert writer.versions == {"mixtures": 0} and deltalog.last_commit_meta(uri)["run_id"] == "search-test"
+    # committed with delta-rs, read back by Spark: one weight per cluster, summing to one
+    weights = [r["weights"] for r in spark.read.format("delta").load(uri).select("weights").collect()]
+    assert len(weights) == len(rows) and all(len(w) == cfg.cluster.k for w in weights)
+    assert all(abs(sum(w.values()) - 1.0) < 1e-6 for w in weights)
     assert counts["proxies_trained"] == len(rows) == 1 + 3 + 2 + 2  # the uniform baseline, then 3, 2, 2
     assert [r["iteration"] for r in rows] == [1, 1, 1, 1, 2, 2, 3, 3]
     assert counts["iterations"] == 3 and counts["search_dims"] == 3 and counts["clusters"] == cfg.cluster.k

@@ -42,6 +42,11 @@ def arrow_schema(table: str) -> pa.Schema:
                       ("seed", pa.int64()), ("objective", pa.float64()), ("model", pa.string()),
                       ("fit_meta", pa.string())],
         "assignments": [("id", pa.string()), ("cluster_id", pa.int32()), ("score", pa.float32())],
+        "mixtures": [("iteration", pa.int32()), ("mixture_id", pa.string()), ("kind", pa.string()),
+                     ("weights", pa.map_(pa.int32(), pa.float64())), ("proxy_score", pa.float64()),
+                     ("predicted_score", pa.float64()), ("seed", pa.int64()), ("tokens", pa.int64()),
+                     ("max_passes", pa.float64()), ("seconds", pa.float64()), ("is_best", pa.bool_()),
+                     ("run_id", pa.string())],
     }
     return pa.schema([pa.field(n, t, nullable=True) for n, t in fields[table]])
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clustermix import deltars, tableio
 from clustermix import lake as lk
-from clustermix import tableio
 from clustermix.errors import ConfigError, DataError
 from clustermix.manifest import write_json
 from clustermix.search.climb import Proxy, ray_evaluate, run_climb
@@ -28,6 +28,7 @@ from clustermix.search.predictor import spearman
 from clustermix.search.proxy import WORD_PATTERN, ProxySpec
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import Column, DataFrame, SparkSession
 
     from clustermix.config import Config, SearchConfig
@@ -37,11 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIXTURES_SCHEMA = (
-    "iteration int, mixture_id string, kind string, weights map<int,double>, proxy_score double, "
-    "predicted_score double, seed bigint, tokens bigint, max_passes double, seconds double, is_best boolean, "
-    "run_id string"
-)
 
 
 def best_mixture_uri(lake: Lake) -> str:
@@ -190,7 +186,9 @@ def run_search(spark: SparkSession, lake: Lake, cfg: Config, inputs: dict[str, i
         lake.remove(pool_uri)
         lake.remove(target_uri)
     best = min(records, key=lambda r: (r.score, r.iteration, r.mixture_id))
-    write("mixtures", mixtures_frame(spark, records, cluster_ids, best, run_id).coalesce(1))
+    # the proxies' results are committed with delta-rs, as the Ray stages commit theirs
+    write.record("mixtures", deltars.overwrite(lake.table("mixtures"), mixtures_table(records, cluster_ids, best,
+                                                                                     run_id), write.meta))
     uniform = next((r for r in records if r.kind == "uniform"), None)
     doc = best_document(best, cluster_ids, uniform, run_id, scfg, clip)
     write_json(best_mixture_uri(lake), doc)
@@ -212,13 +210,16 @@ def _count_rows(uri: str) -> int:
     return sum(n or 0 for n in lk.parquet_rows(lk.list_parquet(uri)))
 
 
-def mixtures_frame(spark: SparkSession, records: list[Proxy], cluster_ids: np.ndarray, best: Proxy,
-                   run_id: str) -> DataFrame:
-    """One row per trained proxy (weights as a map cluster_id -> weight)."""
-    rows = [(r.iteration, r.mixture_id, r.kind, {int(c): float(w) for c, w in zip(cluster_ids, r.weights, strict=True)},
-             r.score, r.predicted, r.seed, int(r.info.get("tokens", 0)), float(r.info.get("max_passes", 0.0)),
-             float(r.info.get("seconds", 0.0)), r is best, run_id) for r in records]
-    return spark.createDataFrame(rows, MIXTURES_SCHEMA)
+def mixtures_table(records: list[Proxy], cluster_ids: np.ndarray, best: Proxy, run_id: str) -> pa.Table:
+    """One row per trained proxy (weights as a map cluster_id -> weight): O(K·proxies), the driver's."""
+    import pyarrow as pa
+
+    rows = [{"iteration": r.iteration, "mixture_id": r.mixture_id, "kind": r.kind,
+             "weights": [(int(c), float(w)) for c, w in zip(cluster_ids, r.weights, strict=True)],
+             "proxy_score": r.score, "predicted_score": r.predicted, "seed": r.seed,
+             "tokens": int(r.info.get("tokens", 0)), "max_passes": float(r.info.get("max_passes", 0.0)),
+             "seconds": float(r.info.get("seconds", 0.0)), "is_best": r is best, "run_id": run_id} for r in records]
+    return pa.Table.from_pylist(rows, schema=deltars.arrow_schema("mixtures"))
 
 
 def best_document(best: Proxy, cluster_ids: np.ndarray, uniform: Proxy | None, run_id: str, scfg: SearchConfig,
