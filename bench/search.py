@@ -22,7 +22,7 @@ On ``builtin://bbc-unbalanced`` (conf/local.yaml) with one topic held out as the
 
 Proxies are trained by the project's own code: ``clustermix.search.climb.ray_evaluate`` ->
 ``train_proxy`` (pool rows via ``read_pool``, ``proxy.train_and_score``), on pools drawn by the
-stage's ``pool_frame``. Prints a table and writes ``bench/out/search.json``. Sizes are flags;
+stage's ``pools.draw_pools``. Prints a table and writes ``bench/out/search.json``. Sizes are flags;
 ``--set KEY=VALUE`` overrides any config key (e.g. ``--set search.proxy_tokens=80000``).
 """
 
@@ -43,13 +43,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from clustermix import deltalog, tableio
+from clustermix import deltalog, deltars, tableio
 from clustermix import lake as lk
 from clustermix.config import Config, load_config
+from clustermix.search import pools
 from clustermix.search.climb import Proxy, predictor_settings, proxy_seed, ray_evaluate
 from clustermix.search.mixtures import SearchSpace, build_space, cap_project, merge_clusters
 from clustermix.search.predictor import fit_predictor, predict
-from clustermix.search.stage import pool_frame, proxy_spec, run_search, target_frame, trainable
+from clustermix.search.stage import proxy_spec, run_search
 from common import save, timed
 
 HELDOUT_ITERATION = 1000  # the proxy_seed "iteration" of held-out mixtures: the search never uses it
@@ -64,52 +65,72 @@ class Staged:
     tokens: np.ndarray  # (K,) trainable proxy tokens per cluster
     space: SearchSpace
     target_uri: str
-    members: Any  # the persisted DataFrame of trainable cluster members
-    docs: Any
+    target: Any  # the target texts (pyarrow), which every fresh pool leaves out
+    inputs: dict[str, int]
     domain_tokens: dict[int, dict[str, int]]  # cluster -> domain -> trainable tokens
     target_docs: dict[int, int]  # cluster -> documents of the target domain assigned to it
 
 
+def _token_estimate(text: Any, tokenizer: str) -> Any:
+    """The proxy's token estimate as a Spark column (the pools count the same in Python)."""
+    from pyspark.sql import functions as F
+
+    from clustermix.search.proxy import WORD_PATTERN
+
+    if tokenizer == "bytes":
+        return F.octet_length(text).cast("bigint")
+    return F.regexp_count(F.lower(text), F.lit(WORD_PATTERN)).cast("bigint")
+
+
 def stage_inputs(spark: Any, lake: lk.Lake, cfg: Config, inputs: dict[str, int], tag: str) -> Staged:
-    """The search's inputs as ``run_search`` builds them: target texts, trainable members, the space."""
+    """The search's inputs as ``run_search`` builds them (the stage's own functions: target texts,
+    tokens per cluster, the space); the per-domain figures with Spark, for the report only."""
+    import pyarrow.parquet as pq
     from pyspark.sql import functions as F
 
     scfg = cfg.search
     clip = scfg.clip or cfg.sample.clip
     pool_tokens = scfg.pool_tokens_per_cluster or scfg.proxy_tokens
-    docs = tableio.read(spark, lake, "docs", inputs["docs"])
-    assignments = tableio.read(spark, lake, "assignments", inputs["assignments"])
-    cents = tableio.read(spark, lake, "centroids", inputs["centroids"]).select("cluster_id", "centroid") \
-        .orderBy("cluster_id").collect()
-    cluster_ids = np.array([r["cluster_id"] for r in cents], dtype=np.int64)
+    cents = deltars.read_small(lake.table("centroids"), inputs["centroids"], ["cluster_id", "centroid"])
+    cents = cents.take(np.argsort(cents.column("cluster_id").to_numpy()))
+    cluster_ids = cents.column("cluster_id").to_numpy().astype(np.int64)
+    target = pools.draw_target(scfg, deltalog.file_counts(lake.table("docs"), inputs["docs"]), None)
     target_uri = lake.staging("bench_search_target", tag)
-    target_frame(spark, docs, scfg).coalesce(1).write.mode("overwrite").parquet(lk.spark_path(target_uri))
-    members = trainable(assignments, docs, spark.read.parquet(lk.spark_path(target_uri)), scfg).persist()
-    per = {int(r["cluster_id"]): int(r["t"] or 0)
-           for r in members.groupBy("cluster_id").agg(F.sum("ptokens").alias("t")).collect()}
-    tokens = np.array([per.get(int(c), 0) for c in cluster_ids], dtype=np.int64)
+    Path(target_uri).mkdir(parents=True, exist_ok=True)
+    pq.write_table(target, f"{target_uri}/part-0.parquet")
+    staged = Staged(cluster_ids, np.zeros(len(cluster_ids), np.int64), None, target_uri, target, inputs, {}, {})  # type: ignore[arg-type]
+    per = pools.draw_pools(scfg, lake.table("docs"), inputs["docs"], lake.table("assignments"), inputs["assignments"],
+                           target, pool_tokens, lake.staging("bench_search_tokens", tag), 2, None)
+    lake.remove(lake.staging("bench_search_tokens", tag))
+    staged.tokens = np.array([per.get(int(c), 0) for c in cluster_ids], dtype=np.int64)
     groups = None
     if scfg.merge_threshold is not None or scfg.merge_to is not None:
-        groups = merge_clusters(np.array([r["centroid"] for r in cents], dtype=np.float64), tokens,
+        groups = merge_clusters(np.array(cents.column("centroid").to_pylist(), dtype=np.float64), staged.tokens,
                                 scfg.merge_threshold, scfg.merge_to)
-    space = build_space(cluster_ids, tokens, scfg.proxy_tokens, clip, pool_tokens, scfg.size_power, groups)
-    domain_tokens: dict[int, dict[str, int]] = {}
-    for r in members.join(docs.select("id", "domain"), "id").groupBy("cluster_id", "domain") \
+    staged.space = build_space(cluster_ids, staged.tokens, scfg.proxy_tokens, clip, pool_tokens, scfg.size_power,
+                               groups)
+    docs = tableio.read(spark, lake, "docs", inputs["docs"])
+    assignments = tableio.read(spark, lake, "assignments", inputs["assignments"])
+    trainable = docs.where(F.col("domain").isNull() | (F.col("domain") != F.lit(scfg.target_domain or ""))) \
+        .join(F.broadcast(spark.createDataFrame([(h,) for h in target.column("text_hash").to_pylist()] or [("",)],
+                                                "text_hash string")), "text_hash", "left_anti")
+    for r in assignments.join(trainable.select("id", "domain", _token_estimate(F.col("text"), scfg.tokenizer)
+                                               .alias("ptokens")), "id").groupBy("cluster_id", "domain") \
             .agg(F.sum("ptokens").alias("t")).collect():  # K x domains rows
-        domain_tokens.setdefault(int(r["cluster_id"]), {})[str(r["domain"])] = int(r["t"])
-    target_docs = {int(r["cluster_id"]): int(r["n"]) for r in assignments.join(
+        staged.domain_tokens.setdefault(int(r["cluster_id"]), {})[str(r["domain"])] = int(r["t"])
+    staged.target_docs = {int(r["cluster_id"]): int(r["n"]) for r in assignments.join(
         docs.where(F.col("domain") == scfg.target_domain).select("id"), "id").groupBy("cluster_id")
         .agg(F.count("*").alias("n")).collect()} if scfg.target_domain else {}
-    return Staged(cluster_ids, tokens, space, target_uri, members, docs, domain_tokens, target_docs)
+    return staged
 
 
 def write_pool(staged: Staged, lake: lk.Lake, cfg: Config, seed: int, tag: str) -> str:
-    """One per-cluster pool, drawn by the stage's ``pool_frame`` in the order of ``seed``."""
-    scfg = cfg.search
+    """One per-cluster pool, drawn by the stage's ``pools.draw_pools`` in the order of ``seed``."""
+    scfg = cfg.search.model_copy(update={"seed": seed})
     uri = lake.staging("bench_search_pool", f"{tag}-{seed}")
-    pool_frame(staged.members, staged.docs, scfg.pool_tokens_per_cluster or scfg.proxy_tokens, seed) \
-        .repartition(cfg.spark.shuffle_partitions, "cluster_id").sortWithinPartitions("cluster_id", "rank") \
-        .write.mode("overwrite").partitionBy("cluster_id").parquet(lk.spark_path(uri))
+    pools.draw_pools(scfg, lake.table("docs"), staged.inputs["docs"], lake.table("assignments"),
+                     staged.inputs["assignments"], staged.target, scfg.pool_tokens_per_cluster or scfg.proxy_tokens,
+                     uri, 2, None)
     return uri
 
 
@@ -200,7 +221,7 @@ def main() -> None:
     print(f"search: target domain {args.target!r}, iterations {scfg.iterations}, proxy {scfg.proxy_tokens} tokens",
           flush=True)
     with timed("search (run_search: staging + all proxies)", times):
-        counts = run_search(spark, lake, cfg, inputs, tag, writer)  # type: ignore[arg-type]
+        counts = run_search(lake, cfg, inputs, tag, writer)  # type: ignore[arg-type]
     rows = tableio.read(spark, lake, "mixtures", writer.versions["mixtures"]).collect()  # one row per proxy
     with timed("evaluation: stage target, members, space", times):
         staged = stage_inputs(spark, lake, cfg, inputs, tag)  # type: ignore[arg-type]
@@ -262,7 +283,6 @@ def main() -> None:
             lake.remove(pool)
         for name, r in zip(mixtures, res, strict=True):
             fresh[name].append(float(r["score"]))
-    staged.members.unpersist()
     lake.remove(staged.target_uri)
     load_after = os.getloadavg()
     load = sampler.stop()

@@ -189,7 +189,10 @@ def rehearsal_config(path: Path, lake: str, input_path: str, input_format: str, 
     tree = yaml.safe_load((ROOT / "conf" / "cluster.yaml").read_text())
     tree["lake"]["root"] = lake
     tree["input"].update(path=input_path, format=input_format)
-    tree["spark"].update(shuffle_partitions=4)
+    # Delta rebuilds a table's file list with snapshotPartitions tasks after each new version (50 by
+    # default, for a big cluster): on two one-core workers that is most of each small job's time
+    tree["spark"].update(shuffle_partitions=4, conf={**(tree["spark"].get("conf") or {}),
+                                                    "spark.databricks.delta.snapshotPartitions": "2"})
     # two actors of half a CPU each: Ray Data's read tasks need a CPU beside them, also where local
     # mode runs this config on two CPUs
     tree["embed"].update(device="cpu", num_actors=2, cpus_per_actor=0.5, gpus_per_actor=0, batch_size=32,

@@ -1,5 +1,5 @@
-"""The Ray stages run where there is no Java: embed, cluster and assign in a process that cannot reach a
-JVM commit their tables with delta-rs, with the metadata that makes a rerun skip them, and the Spark
+"""The Ray stages run where there is no Java: embed, cluster, assign and search in a process that cannot
+reach a JVM commit their tables with delta-rs, with the metadata that makes a rerun skip them, and the Spark
 stages read those tables as before."""
 
 from __future__ import annotations
@@ -71,6 +71,19 @@ def test_embed_cluster_and_assign_run_without_a_jvm(tmp_path: Path, spark: Any, 
     assert sorted(r["id"] for r in assignments) == ids
     assert {r["cluster_id"] for r in assignments} <= set(range(cfg.cluster.k))
     assert tableio.read(spark, lake, "centroids").count() == cfg.cluster.k
+
+    # the search too: its pools drawn by Ray Data, its proxies Ray tasks, its mixtures committed by delta-rs
+    target = tmp_path / "target.jsonl"
+    target.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in records[40:44]))
+    searching = tmp_path / "search.yaml"
+    searching.write_text(yaml.safe_dump({**cfg.to_dict(), "search": {
+        "target_path": str(target), "iterations": [2, 1], "candidates": 50, "top_fraction": 0.5, "proxy_tokens": 3000,
+        "vocab_size": 256, "proxy_d_model": 16, "proxy_layers": 1, "proxy_heads": 2, "proxy_context": 16,
+        "proxy_batch_size": 8, "target_max_tokens": 1000, "seed": 3}}))
+    searched = _cli(env, searching, "search")["stages"]["search"]
+    assert searched["status"] == "ran" and searched["counts"]["target_texts"] == 4
+    assert searched["counts"]["proxies_trained"] == 1 + 2 + 1  # the uniform baseline, then 2 and 1
+    assert tableio.read(spark, lake, "mixtures").count() == 4
 
     # a rerun finds both stages current from the commit metadata delta-rs wrote, and writes nothing
     versions = {t: deltalog.version(lake.table(t)) for t in ("embeddings", "centroids", "assignments")}

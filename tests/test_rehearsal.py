@@ -47,8 +47,9 @@ def corpus(tmp_path_factory, bbc_slice: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def local_lake(tmp_path_factory, corpus: dict[str, Path], spark: Any, ray_local: Any) -> str:
-    """Local mode on the rehearsal's config: run, a refresh that adopts the lake, a refresh of one new file."""
+def local_lakes(tmp_path_factory, corpus: dict[str, Path], spark: Any, ray_local: Any) -> dict[str, str]:
+    """Local mode on the rehearsal's config: ``run`` (a copy of the lake then is kept as ``"run"``),
+    then a refresh that adopts the lake and a refresh of one new file (``"refreshed"``)."""
     from clustermix.pipeline import run_stages
     from clustermix.refresh import run_refresh
 
@@ -62,10 +63,11 @@ def local_lake(tmp_path_factory, corpus: dict[str, Path], spark: Any, ray_local:
     cfg_path.write_text(yaml.safe_dump(tree))
     cfg = load_config(str(cfg_path), [])
     run_stages(cfg, spark=spark)
+    shutil.copytree(work / "lake", work / "lake-after-run")
     run_refresh(cfg, spark=spark)
     shutil.copy(corpus["new"], input_dir / corpus["new"].name)
     run_refresh(cfg, spark=spark)
-    return str(work / "lake")
+    return {"run": str(work / "lake-after-run"), "refreshed": str(work / "lake")}
 
 
 def _rehearsal_config(work: Path, lake: str, input_dir: Path) -> Path:
@@ -78,11 +80,13 @@ def _rehearsal_config(work: Path, lake: str, input_dir: Path) -> Path:
     return rehearse.rehearsal_config(work / "cluster.yaml", lake, str(input_dir), "jsonl", [])
 
 
-def _rehearse(work: Path, corpus: dict[str, Path], lake: str | None, env: dict[str, str]) -> dict[str, Any]:
+def _rehearse(work: Path, corpus: dict[str, Path], lake: str | None, env: dict[str, str], *,
+              nightly: bool) -> dict[str, Any]:
     input_dir = work / "input"
     shutil.copytree(corpus["input"], input_dir)
     cmd = [sys.executable, str(ROOT / "deploy" / "rehearse.py"), "--workdir", str(work / "rehearsal"),
-           "--input", str(input_dir), "--new-file", str(corpus["new"])] + (["--lake", lake] if lake else [])
+           "--input", str(input_dir)] + (["--new-file", str(corpus["new"])] if nightly else []) \
+        + (["--lake", lake] if lake else [])
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400, check=False)
     assert proc.returncode == 0, proc.stderr[-6000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -90,7 +94,7 @@ def _rehearse(work: Path, corpus: dict[str, Path], lake: str | None, env: dict[s
     assert [c.split(" --config")[0] for c in summary["commands"]] == [
         "ray job submit -- python -c <no java on the PATH of a Ray job>",
         "STAGES=ingest deploy/spark-submit.sh", "deploy/ray-job.sh", 'STAGES="stats sample blend" deploy/spark-submit.sh',
-        "STAGES=refresh deploy/spark-submit.sh", "STAGES=refresh deploy/spark-submit.sh"]
+        *(["STAGES=refresh deploy/spark-submit.sh"] * 2 if nightly else [])]
     assert summary["processes"] == ["ray-head", "ray-worker-1", "ray-worker-2", "spark-master", "spark-worker-1",
                                     "spark-worker-2"]
     return summary
@@ -120,23 +124,29 @@ def assert_same_lake(got: str, want: str) -> None:
     assert max(float(np.abs(emb[0][i] - emb[1][i]).max()) for i in emb[1]) < 1e-4
 
 
-def test_rehearsal_on_a_local_lake_equals_local_mode(tmp_path: Path, corpus: dict[str, Path], local_lake: str) -> None:
-    summary = _rehearse(tmp_path, corpus, None, dict(os.environ))
-    assert_same_lake(summary["lake"], local_lake)
-    assert deltalog.num_records(f"{summary['lake']}/docs") == deltalog.num_records(f"{local_lake}/docs") > 0
+def test_rehearsal_on_a_local_lake_equals_local_mode(tmp_path: Path, corpus: dict[str, Path],
+                                                     local_lakes: dict[str, str]) -> None:
+    """The README's steps, then the two nightly refreshes: the lake equals local mode's after the same."""
+    summary = _rehearse(tmp_path, corpus, None, dict(os.environ), nightly=True)
+    want = local_lakes["refreshed"]
+    assert_same_lake(summary["lake"], want)
+    assert deltalog.num_records(f"{summary['lake']}/docs") == deltalog.num_records(f"{want}/docs") > \
+        deltalog.num_records(f"{local_lakes['run']}/docs")  # the new file's documents came in
 
 
-def test_rehearsal_on_an_s3_lake_equals_local_mode(tmp_path: Path, corpus: dict[str, Path], local_lake: str,
+def test_rehearsal_on_an_s3_lake_equals_local_mode(tmp_path: Path, corpus: dict[str, Path], local_lakes: dict[str, str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's steps with the lake on S3. The nightly refresh is rehearsed once, on the local
+    lake: on S3 it runs the same code, which tests/test_s3.py runs against an S3 lake in local mode."""
     server = MotoServer(tmp_path / "moto.log")
     try:
         env = env_for(server.endpoint)
         subprocess.run([sys.executable, "-c", f"import boto3; boto3.client('s3', endpoint_url='{server.endpoint}')"
                         f".create_bucket(Bucket='{BUCKET}')"], env=env, check=True, timeout=60)
         lake = f"s3://{BUCKET}/lake"
-        summary = _rehearse(tmp_path, corpus, lake, env)
+        summary = _rehearse(tmp_path, corpus, lake, env, nightly=False)
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
             monkeypatch.setenv(key, env[key])  # this process reads the S3 lake back
-        assert_same_lake(summary["lake"], local_lake)
+        assert_same_lake(summary["lake"], local_lakes["run"])
     finally:
         server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -220,7 +221,7 @@ SEARCH = {"target_domain": "politics", "iterations": [3, 2, 2], "candidates": 30
 
 
 @pytest.fixture(scope="module")
-def searched(pipeline, spark, ray_local):
+def searched(pipeline, ray_local):
     from clustermix import deltalog, tableio
     from clustermix.search.stage import run_search
 
@@ -228,7 +229,7 @@ def searched(pipeline, spark, ray_local):
     cfg = cfg.model_copy(update={"search": SearchConfig(**SEARCH)})
     inputs = {t: deltalog.version(run.lake.table(t)) for t in ("docs", "assignments", "centroids")}
     writer = tableio.TableWriter(run.lake, {"run_id": "search-test", "stage": "search", "inputs": inputs})
-    counts = run_search(spark, run.lake, cfg, inputs, "search-test", writer)
+    counts = run_search(run.lake, cfg, inputs, "search-test", writer)
     print("search counts:", counts)
     return cfg, run, counts, writer
 
@@ -292,34 +293,41 @@ def test_best_mixture_beats_or_matches_uniform_and_blend_accepts_it(searched, sp
     assert (draws <= cfg.sample.clip * sizes.n_docs).all()
 
 
-def test_search_without_a_target_stops_before_any_work(pipeline, spark):
+def test_search_without_a_target_stops_before_any_work(pipeline):
     from clustermix import tableio
     from clustermix.search.stage import run_search
 
     cfg, run = pipeline
     writer = tableio.TableWriter(run.lake, {"run_id": "x"})
     with pytest.raises(ConfigError, match="needs a target set"):
-        run_search(spark, run.lake, cfg, {}, "x", writer)
+        run_search(run.lake, cfg, {}, "x", writer)
     bad = cfg.model_copy(update={"search": SearchConfig(target_path="/nonexistent/target.jsonl")})
     with pytest.raises(ConfigError, match="file not found"):
-        run_search(spark, run.lake, bad, {}, "x", writer)
+        run_search(run.lake, bad, {}, "x", writer)
     assert writer.versions == {}
 
 
-def test_target_file_is_read_bounded_and_in_a_seeded_order(spark, tmp_path):
+def test_target_file_is_read_bounded_and_in_a_seeded_order(ray_local, tmp_path):
     import json
 
-    from clustermix.search.stage import target_fingerprint, target_frame
+    from clustermix.search.pools import draw_target, seeded_keys
+    from clustermix.search.stage import target_fingerprint
 
     path = tmp_path / "target.jsonl"
-    path.write_text("".join(json.dumps({"body": f"target text number {i}"}) + "\n" for i in range(12)))
+    path.write_text("".join(json.dumps({"body": f"target text number {i}"}) + "\n" for i in range(12))
+                    + json.dumps({"body": ""}) + "\n" + json.dumps({"other": 1}) + "\n")
     scfg = SearchConfig(target_path=str(path), target_text_field="body", target_max_docs=5)
-    rows = target_frame(spark, None, scfg).collect()
-    assert len(rows) == 5 and len({r["text"] for r in rows}) == 5
-    assert [r["rank"] for r in rows] == sorted(r["rank"] for r in rows)
-    assert [r["text"] for r in target_frame(spark, None, scfg).collect()] == [r["text"] for r in rows]
+    rows = draw_target(scfg, ([], []), None).to_pylist()
+    assert len(rows) == 5 and len({r["text"] for r in rows}) == 5 and all(r["text"] for r in rows)
+    # the five with the smallest seeded keys of all twelve, in that order
+    texts = [f"target text number {i}" for i in range(12)]
+    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    keys = seeded_keys(scfg.seed, hashes)
+    assert [r["text"] for r in rows] == [texts[i] for i in np.argsort(keys)[:5]]
+    assert [r["rank"] for r in rows] == sorted(keys)[:5]
+    assert draw_target(scfg, ([], []), None).to_pylist() == rows
     fp = target_fingerprint(scfg)["target_sha256"]
     path.write_text(path.read_text() + json.dumps({"body": "one more"}) + "\n")
     assert target_fingerprint(scfg)["target_sha256"] != fp
     with pytest.raises(ConfigError, match="no such field"):
-        target_frame(spark, None, scfg.model_copy(update={"target_text_field": "text"}))
+        draw_target(scfg.model_copy(update={"target_text_field": "text"}), ([], []), None)

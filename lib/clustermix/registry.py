@@ -47,9 +47,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("search", reads=("docs", "assignments", "centroids"), writes=("mixtures",),
           fingerprint=("search", "sample.clip"),
           ignore=("search.gpus_per_proxy", "search.cpus_per_proxy", "search.torch_threads", "search.device"),
-          help="docs + assignments + a target set -> mixtures, search/best_mixture.json (CLIMB proxies on Ray)",
+          help="docs + assignments + a target set -> mixtures, search/best_mixture.json (CLIMB: pools drawn "
+               "with Ray Data, proxies trained as Ray tasks)",
           run="clustermix.search.stage:run", inputs="clustermix.search.stage:stage_inputs",
-          in_run=_has_search_target),
+          in_run=_has_search_target, engine="ray"),
     # the join strategy changes how blended is computed, never what it holds; the layout salt is the
     # shape of blended's files (2: each file one contiguous run of positions): a change reruns old blends
     Stage("blend", reads=("sample_plan", "cluster_stats", "assignments", "docs"), writes=("blended",),
@@ -67,8 +68,8 @@ def get(name: str) -> Stage:
 
 
 def engines_of(stages: Iterable[str]) -> set[str]:
-    """The engines (``spark``, ``ray``) that ``stages`` run on (search: Spark reads, proxies on Ray)."""
-    return {BY_NAME[s].engine for s in stages} | ({"ray"} if "search" in stages else set())
+    """The engines (``spark``, ``ray``) that ``stages`` run on."""
+    return {BY_NAME[s].engine for s in stages}
 
 
 def producer(table: str) -> Stage:
