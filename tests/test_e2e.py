@@ -24,7 +24,7 @@ def test_every_stage_ran_and_the_manifest_adds_up(pipeline):
     assert [s for s in STAGES if m["stages"][s]["status"] == "ran"] == list(STAGES)
     ing = m["stages"]["ingest"]["counts"]
     assert ing["read"] == 70
-    assert ing["read"] == ing["accepted"] + ing["duplicates"] + ing["quarantined"]
+    assert ing["read"] == ing["accepted"] + ing["duplicates"] + ing["near_duplicates"] + ing["quarantined"]
     from clustermix.manifest import read_json
 
     on_disk = read_json(run.manifest_uri)

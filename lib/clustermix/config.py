@@ -272,6 +272,28 @@ class RefreshConfig(_Section):
     min_new_docs: int = Field(100, ge=1)  # fewer new docs than this: figures too noisy to refit on
 
 
+class NearDedupConfig(_Section):
+    """MinHash near-duplicates on text, found at ingest (:mod:`clustermix.minhash`).
+
+    Signatures of ``bands·rows`` MinHash values over word shingles of normalised text; two documents
+    that agree on all ``rows`` values of any band are candidates, and a candidate pair is a match
+    when the share of equal signature values (the MinHash estimate of their Jaccard similarity) is at
+    least ``threshold``. With 20 bands of 5 rows a pair at Jaccard 0.8 is a candidate with
+    probability 0.9996, one at 0.3 with 0.05."""
+
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, le=1)  # Jaccard similarity of the shingle sets
+    shingle_words: int = Field(5, ge=1)  # words per shingle (a text with fewer words is one shingle)
+    bands: int = Field(20, ge=1)
+    rows: int = Field(5, ge=1)  # MinHash values per band
+    seed: int = 17
+    max_iterations: int = Field(40, ge=1)  # label propagation rounds before giving up (fails, never guesses)
+
+
+class DedupConfig(_Section):
+    near: NearDedupConfig = NearDedupConfig()
+
+
 class Config(_Section):
     lake: LakeConfig = LakeConfig()
     storage: StorageConfig = StorageConfig()
@@ -286,6 +308,7 @@ class Config(_Section):
     blend: BlendConfig = BlendConfig()
     search: SearchConfig = SearchConfig()
     refresh: RefreshConfig = RefreshConfig()
+    dedup: DedupConfig = DedupConfig()
 
     def section_hash(self, *names: str) -> str:
         """A stable hash of some sections, used to tell whether a stage's output is current."""

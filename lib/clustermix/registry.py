@@ -18,9 +18,11 @@ def _has_search_target(cfg: Config) -> bool:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", reads=(), writes=("docs", "quarantine", "duplicates", "bad_files"),
-          fingerprint=("input", "ingest"),
-          help="raw corpus -> docs, quarantine, duplicates; unreadable input files -> bad_files (Spark)",
+    Stage("ingest", reads=(), writes=("docs", "quarantine", "duplicates", "near_duplicates", "minhash_signatures",
+                                      "bad_files"),
+          fingerprint=("input", "ingest", "dedup.near"), ignore=("dedup.near.max_iterations",),
+          help="raw corpus -> docs, quarantine, duplicates (exact), near_duplicates (MinHash, dedup.near.*); "
+               "unreadable input files -> bad_files (Spark)",
           run="clustermix.ingest:run", inputs="clustermix.ingest:stage_inputs"),
     Stage("embed", reads=("docs",), writes=("embeddings",),
           fingerprint=("embed.model", "embed.max_seq_length", "embed.long_docs", "embed.precision"),
