@@ -290,8 +290,23 @@ class NearDedupConfig(_Section):
     max_iterations: int = Field(40, ge=1)  # label propagation rounds before giving up (fails, never guesses)
 
 
+class SemanticDedupConfig(_Section):
+    """SemDeDup inside each k-means cluster (:mod:`clustermix.semdedup`): in each cluster's order
+    (earlier ingests first, then ``keep``'s order), a document whose cosine similarity to a kept one
+    is at least ``threshold`` is a duplicate of the most similar; otherwise it is kept."""
+
+    enabled: bool = False
+    threshold: float = Field(0.95, gt=0, le=1)  # cosine similarity of the (L2-normalised) embeddings
+    keep: Literal["centroid", "quality"] = "centroid"  # closest to the centroid, or highest quality, first
+    block_rows: int = Field(4096, ge=1)  # rows compared against the kept set at once (memory, not result)
+    num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)  # > 0: the actors search on a GPU (faiss-gpu)
+
+
 class DedupConfig(_Section):
     near: NearDedupConfig = NearDedupConfig()
+    semantic: SemanticDedupConfig = SemanticDedupConfig()
 
 
 class Config(_Section):

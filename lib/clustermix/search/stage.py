@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clustermix import kept, tableio
 from clustermix import lake as lk
-from clustermix import tableio
 from clustermix.errors import ConfigError, DataError
 from clustermix.manifest import write_json
 from clustermix.search.climb import Proxy, ray_evaluate, run_climb
@@ -155,7 +155,7 @@ def run_search(spark: SparkSession, lake: Lake, cfg: Config, inputs: dict[str, i
     clip = scfg.clip or cfg.sample.clip
     pool_tokens = scfg.pool_tokens_per_cluster or scfg.proxy_tokens
     docs = tableio.read(spark, lake, "docs", inputs.get("docs"))
-    assignments = tableio.read(spark, lake, "assignments", inputs.get("assignments"))
+    assignments = kept.assignments(spark, lake, inputs)  # without the semantic duplicates
     cents = tableio.read(spark, lake, "centroids", inputs.get("centroids")).select("cluster_id", "centroid") \
         .orderBy("cluster_id").collect()  # K rows
     cluster_ids = np.array([r["cluster_id"] for r in cents], dtype=np.int64)
