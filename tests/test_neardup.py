@@ -17,6 +17,7 @@ from clustermix.pipeline import run_stages, session
 
 from .conftest import make_config
 
+NEAR_ON = {"near": {"enabled": True}}  # the product's default; tests/conftest.py turns it off elsewhere
 BOILERPLATE = ("Subscribe to our newsletter for daily updates. We use cookies to deliver our services and "
                "to show you relevant ads. All rights reserved.")
 
@@ -55,7 +56,7 @@ def planted(folder: Path, n_base: int = 12, seed: int = 3) -> dict[str, str]:
 def ingested(tmp_path_factory: Any, spark: Any) -> tuple[Any, Any, dict[str, str]]:
     root = tmp_path_factory.mktemp("near")
     truth = planted(root / "in")
-    cfg = make_config(root / "lake", str(root / "in"))
+    cfg = make_config(root / "lake", str(root / "in"), dedup=NEAR_ON)
     run = run_stages(cfg, ("ingest",), spark=spark)
     return cfg, run, truth
 
@@ -80,6 +81,18 @@ def test_accounting_includes_near_duplicates(ingested: Any) -> None:
     held = {t: deltalog.num_records(run.lake.table(t)) for t in ("docs", "duplicates", "near_duplicates", "quarantine")}
     assert sum(held.values()) == c["read"] and held["near_duplicates"] == len(truth)
     assert sum(f["near_duplicates"] for f in c["per_file"].values()) == len(truth)
+
+
+def test_the_report_counts_them_and_shows_pairs(ingested: Any) -> None:
+    from clustermix.report import _dedup, _Run
+
+    cfg, run, truth = ingested
+    near = _dedup(_Run(run.lake, run.manifest), run.manifest["config"])["near"]
+    assert (near["enabled"], near["threshold"], near["removed"]) == (True, cfg.dedup.near.threshold, len(truth))
+    assert near["per_source"] == {"(none)": len(truth)}
+    ex = near["examples"]
+    assert len(ex) == 3 and all(truth[e["id"]] == e["kept"] and e["text"] and e["kept_text"] for e in ex)
+    assert [e["similarity"] for e in ex] == sorted(e["similarity"] for e in ex)
 
 
 def test_a_rerun_is_skipped(ingested: Any, spark: Any) -> None:
@@ -115,7 +128,7 @@ def test_a_refresh_sends_a_near_copy_of_an_old_document_to_near_duplicates(tmp_p
 
     folder = tmp_path / "in"
     truth = planted(folder, n_base=4, seed=5)
-    cfg = make_config(tmp_path / "lake", str(folder))
+    cfg = make_config(tmp_path / "lake", str(folder), dedup=NEAR_ON)
     run_stages(cfg, ("ingest",), spark=spark)
     old = json.loads((folder / "a.jsonl").read_text().splitlines()[0])
     (folder / "c.jsonl").write_text(json.dumps({"id": "late-copy", "text": old["text"] + " " + BOILERPLATE}) + "\n"

@@ -160,6 +160,13 @@ def test_stats_and_sample_see_only_kept_documents_and_rerun_when_dedup_changes(
     assert sum(r["n_docs"] for r in stats) == deltars_rows(run.lake) - n_dups
     planned = {r["id"] for r in tableio.read(spark, run.lake, "sample_plan").select("id").collect()}
     assert planned and not planned & dups
+    from clustermix.report import _dedup, _Run
+
+    rep = _dedup(_Run(run.lake, run.manifest), run.manifest["config"])["semantic"]
+    assert (rep["enabled"], rep["threshold"], rep["keep"], rep["removed"]) == (True, 0.97, "centroid", n_dups)
+    assert sum(rep["per_cluster"].values()) == sum(rep["per_source"].values()) == n_dups
+    assert len(rep["examples"]) == 3 and all(e["text"] and e["kept_text"] and e["similarity"] >= 0.97
+                                             for e in rep["examples"])
     again = run_stages(cfg, ("dedup", "stats", "sample"), spark=spark)
     assert {s: again.manifest["stages"][s]["status"] for s in ("dedup", "stats", "sample")} == dict.fromkeys(
         ("dedup", "stats", "sample"), "skipped")

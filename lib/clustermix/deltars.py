@@ -43,7 +43,7 @@ def arrow_schema(table: str) -> pa.Schema:
                       ("fit_meta", pa.string())],
         "assignments": [("id", pa.string()), ("cluster_id", pa.int32()), ("score", pa.float32())],
         "semantic_duplicates": [("id", pa.string()), ("duplicate_of", pa.string()), ("cluster_id", pa.int32()),
-                                ("similarity", pa.float32()), ("run_id", pa.string())],
+                                ("similarity", pa.float32()), ("domain", pa.string()), ("run_id", pa.string())],
     }
     return pa.schema([pa.field(n, t, nullable=True) for n, t in fields[table]])
 

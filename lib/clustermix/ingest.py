@@ -34,6 +34,7 @@ REASONS = (
     "nul_in_text", "too_long", "bad_id", "quality_not_a_number", "duplicate_id",
 )
 SIGNATURES = "minhash_signatures"
+SNIPPET_CHARS = 300
 _NUMERIC = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL.*)$"
 _INTEGRAL = r"^(TINYINT|SMALLINT|INT|BIGINT|DECIMAL\(\d+,0\))$"
 
@@ -197,8 +198,10 @@ def _outputs(df: DataFrame, run_id: str) -> dict[str, DataFrame]:
                                                                          run.alias("run_id")),
         "duplicates": df.where(F.col("outcome") == "duplicate").select("id", "duplicate_of", "source_file",
                                                                        run.alias("run_id")),
+        # the text of a near-copy is in no table: a snippet keeps it visible to the report's examples
         "near_duplicates": df.where(F.col("outcome") == "near_duplicate").select(
-            "id", "duplicate_of", "jaccard", "source_file", run.alias("run_id")),
+            "id", "duplicate_of", "jaccard", "domain", F.substring("_text", 1, SNIPPET_CHARS).alias("snippet"),
+            "source_file", run.alias("run_id")),
     }
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 TABLE = "semantic_duplicates"
 ROWS_PER_BUCKET = 200_000  # a join task holds a bucket's embeddings: ~300 MB at 384 dimensions
 GROUPS_PER_ACTOR = 4  # groups of clusters per actor: an actor that finishes early takes the next group
-SIDES = {"emb": ["id", "embedding"], "asg": ["id", "cluster_id", "score"], "doc": ["id", "quality", "ingested_at"]}
+SIDES = {"emb": ["id", "embedding"], "asg": ["id", "cluster_id", "score"], "doc": ["id", "quality", "ingested_at", "domain"]}
 
 
 def bucket_of(ids: pa.Array, n: int) -> np.ndarray:
@@ -113,7 +113,7 @@ def join_bucket(p: int, staging: str, n_groups: int, s3: S3Settings | None) -> i
     doc = parts["doc"]
     if doc is None:
         doc = pa.table({"id": pa.array([], pa.string()), "quality": pa.array([], pa.float64()),
-                        "ingested_at": pa.array([], pa.int64())})
+                        "ingested_at": pa.array([], pa.int64()), "domain": pa.array([], pa.string())})
     members = asg.join(doc, "id", join_type="left outer")
     at = pc.index_in(members.column("id"), value_set=emb.column("id"))
     has = pc.is_valid(at)
@@ -172,6 +172,7 @@ class Deduper:
                     "duplicate_of": pa.array(sorted_ids[res.dup_of[dup]].tolist(), pa.string()),
                     "cluster_id": pa.array([c] * len(dup), pa.int32()),
                     "similarity": pa.array(res.similarity[dup], pa.float32()),
+                    "domain": t.column("domain").take(pa.array(order[dup])),
                     "run_id": pa.array([run_id] * len(dup), pa.string())}))
         if not out:
             return None, counts
