@@ -104,7 +104,7 @@ def test_changed_sample_config_reruns_only_sample_and_blend(pipeline, spark, tmp
     cfg, run = pipeline
     root = tmp_path / "copy"
     shutil.copytree(run.lake.root, root)  # the shared lake stays as the other tests expect it
-    cfg2 = make_config(root, cfg.input.path, sample={"budget": 120, "order": "random"})
+    cfg2 = make_config(root, cfg.input.path, sample={"budget": 120, "order": "random"}, dedup={"near": {"enabled": True}})
     again = run_stages(cfg2, spark=spark)
     status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
     assert status == {"ingest": "skipped", "embed": "skipped", "cluster": "skipped", "stats": "skipped",
