@@ -142,7 +142,8 @@ def test_two_level_balance_reruns_sample_and_blend_and_lifts_the_small_topics(pi
     cfg, run = pipeline
     root = tmp_path / "levels"
     shutil.copytree(run.lake.root, root)
-    again = run_stages(make_config(root, cfg.input.path, sample={"balance": "groups_then_clusters"}), spark=spark)
+    again = run_stages(make_config(root, cfg.input.path, sample={"balance": "groups_then_clusters"},
+                                   dedup={"near": {"enabled": True}}), spark=spark)
     status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
     assert status["stats"] == "skipped" and status["sample"] == "ran" and status["blend"] == "ran"
     counts = again.manifest["stages"]["sample"]["counts"]
