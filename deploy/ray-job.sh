@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Submit the Ray stages (embed, then cluster; STAGES names others, e.g. STAGES="embed cluster search"
-# when search.target_* is set) to a running Ray cluster, one `ray job submit` each, in that order.
+# Submit the Ray stages (embed, cluster, then dedup; STAGES names others, e.g. STAGES="embed cluster
+# dedup search" when search.target_* is set) to a running Ray cluster, one `ray job submit` each, in order.
 #   RAY_ADDRESS=http://<head>:8265 [STAGES="..."] deploy/ray-job.sh [--config conf/cluster.yaml] [--set KEY=VALUE ...]
 # Arguments go to every job unchanged; with none, --config conf/cluster.yaml. The cluster's nodes
 # need the project's dependencies (docker/ray-gpu.Dockerfile); this checkout is uploaded as the
@@ -17,8 +17,8 @@ runtime_env='{
   "py_modules": ["lib/clustermix"],
   "excludes": ["/.git", "/.venv", "/lake", "/lake-nightly", "/build", "/bench/out"]
 }'
-for job in ${STAGES:-embed cluster}; do
-  case $job in embed|cluster|assign|search) ;; *) echo "ray-job.sh: $job is not a Ray stage" >&2; exit 2;; esac
+for job in ${STAGES:-embed cluster dedup}; do
+  case $job in embed|cluster|assign|dedup|search) ;; *) echo "ray-job.sh: $job is not a Ray stage" >&2; exit 2;; esac
   "$RAY" job submit --address "$RAY_ADDRESS" --working-dir . --runtime-env-json "$runtime_env" \
     -- python "jobs/$job.py" "${args[@]}"
 done

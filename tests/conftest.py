@@ -31,6 +31,9 @@ def make_config(lake_root: Path, input_path: str, **sections: dict[str, Any]) ->
         "embed": {"device": "cpu", "batch_size": 32, "torch_threads": 1, "cpus_per_actor": 1},
         "cluster": {"k": 4, "niter": 20, "num_shards": 2, "cpus_per_shard": 0.25},
         "sample": {"budget": 150, "clip": 3, "order": "g2s"},
+        # on by default in the product; off here, as k and the budget are small here: it adds a few
+        # Spark jobs to every ingest. tests/test_neardup.py and the shared pipeline run turn it on.
+        "dedup": {"near": {"enabled": False}},
     }
     for name, values in sections.items():
         tree.setdefault(name, {}).update(values)
@@ -81,6 +84,6 @@ def pipeline(tmp_path_factory, spark, ray_local, bbc_slice):
     from clustermix.pipeline import run_stages
 
     root = tmp_path_factory.mktemp("lake")
-    cfg = make_config(root, str(bbc_slice))
+    cfg = make_config(root, str(bbc_slice), dedup={"near": {"enabled": True}})
     run = run_stages(cfg, spark=spark)
     return cfg, run

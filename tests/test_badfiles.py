@@ -188,7 +188,8 @@ def test_jsonl_skip_ingests_every_good_record_and_the_intact_part(tmp_path: Path
     assert c["files_by_reason"] == {"truncated": 1, "wrong_format": 2}
     per = {Path(p).name: f for p, f in c["per_file"].items()}
     assert per["c-cut.jsonl.gz"]["read"] == per["c-cut.jsonl.gz"]["accepted"] == exp["kept"]
-    assert per["a.jsonl"] == {"read": 13, "accepted": 12, "duplicates": 0, "quarantined": 1, "status": "ingested"}
+    assert per["a.jsonl"] == {"read": 13, "accepted": 12, "duplicates": 0, "near_duplicates": 0, "quarantined": 1,
+                              "status": "ingested"}
     assert per["d-fake.jsonl.gz"]["read"] == 0 and per["d-fake.jsonl.gz"]["status"] == "skipped"
     assert c["read"] == c["accepted"] + c["duplicates"] + c["quarantined"] == 12 + 1 + 8 + exp["kept"]
     bad = {Path(r["path"]).name: r for r in tableio.read(spark, run.lake, "bad_files").collect()}

@@ -24,7 +24,7 @@ def test_every_stage_ran_and_the_manifest_adds_up(pipeline):
     assert [s for s in STAGES if m["stages"][s]["status"] == "ran"] == list(STAGES)
     ing = m["stages"]["ingest"]["counts"]
     assert ing["read"] == 70
-    assert ing["read"] == ing["accepted"] + ing["duplicates"] + ing["quarantined"]
+    assert ing["read"] == ing["accepted"] + ing["duplicates"] + ing["near_duplicates"] + ing["quarantined"]
     from clustermix.manifest import read_json
 
     on_disk = read_json(run.manifest_uri)
@@ -104,7 +104,7 @@ def test_changed_sample_config_reruns_only_sample_and_blend(pipeline, spark, tmp
     cfg, run = pipeline
     root = tmp_path / "copy"
     shutil.copytree(run.lake.root, root)  # the shared lake stays as the other tests expect it
-    cfg2 = make_config(root, cfg.input.path, sample={"budget": 120, "order": "random"})
+    cfg2 = make_config(root, cfg.input.path, sample={"budget": 120, "order": "random"}, dedup={"near": {"enabled": True}})
     again = run_stages(cfg2, spark=spark)
     status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
     assert status == {"ingest": "skipped", "embed": "skipped", "cluster": "skipped", "stats": "skipped",
@@ -142,7 +142,8 @@ def test_two_level_balance_reruns_sample_and_blend_and_lifts_the_small_topics(pi
     cfg, run = pipeline
     root = tmp_path / "levels"
     shutil.copytree(run.lake.root, root)
-    again = run_stages(make_config(root, cfg.input.path, sample={"balance": "groups_then_clusters"}), spark=spark)
+    again = run_stages(make_config(root, cfg.input.path, sample={"balance": "groups_then_clusters"},
+                                   dedup={"near": {"enabled": True}}), spark=spark)
     status = {s: again.manifest["stages"][s]["status"] for s in STAGES}
     assert status["stats"] == "skipped" and status["sample"] == "ran" and status["blend"] == "ran"
     counts = again.manifest["stages"]["sample"]["counts"]

@@ -321,9 +321,13 @@ def test_report_figures_agree_with_the_manifest_and_tables(written):
     assert Path(run.lake.run_dir(run.run_id), "report.json").is_file()
     assert rep["run"]["run_id"] == run.run_id and rep["run"]["outcome"] == "succeeded"
     acc, ing = rep["accounting"], m["stages"]["ingest"]["counts"]
-    assert acc["read"] == acc["accepted"] + acc["duplicates"] + acc["quarantined"]
-    assert {k: acc[k] for k in ("read", "accepted", "duplicates", "quarantined", "quarantined_by_reason")} == {
-        k: ing[k] for k in ("read", "accepted", "duplicates", "quarantined", "quarantined_by_reason")}
+    assert acc["read"] == acc["accepted"] + acc["duplicates"] + acc["near_duplicates"] + acc["quarantined"]
+    keys = ("read", "accepted", "duplicates", "near_duplicates", "quarantined", "quarantined_by_reason")
+    assert {k: acc[k] for k in keys} == {k: ing[k] for k in keys}
+    near, sem = rep["dedup"]["near"], rep["dedup"]["semantic"]
+    assert (near["enabled"], near["threshold"], near["removed"]) == (True, cfg.dedup.near.threshold, ing["near_duplicates"])
+    assert sum(near["per_source"].values()) == near["removed"]
+    assert (sem["enabled"], sem["removed"]) == (False, 0)
     assert acc["balanced"] and acc["matches_tables"] and run.run_id in acc["source"]
 
     rows = rep["clusters"]["rows"]

@@ -312,13 +312,16 @@ def read_counted(spark: SparkSession, checked: Checked, cfg: Config, classified:
     from pyspark import StorageLevel
 
     for _ in range(RETRIES + 1):
-        df = classified(read_candidates(spark, checked, cfg.input)).persist(StorageLevel.MEMORY_AND_DISK)
+        df = None
         try:
+            # inside the try: classifying may already read the input (near-duplicates run Spark jobs)
+            df = classified(read_candidates(spark, checked, cfg.input)).persist(StorageLevel.MEMORY_AND_DISK)
             counts = {(r["outcome"], r["reason"]): r["count"]
                       for r in df.groupBy("outcome", "reason").count().collect()}
             return df, counts, per_file_counts(df), checked
         except Exception as exc:
-            df.unpersist()
+            if df is not None:
+                df.unpersist()
             failed = _failed_file(exc, checked)
             if failed is None:
                 raise
@@ -366,9 +369,10 @@ def per_file_counts(df: DataFrame) -> dict[str, dict[str, int]]:
         return F.sum((F.col("outcome") == outcome).cast("long")).alias(outcome)
 
     rows = df.groupBy("source_file").agg(F.count("*").alias("read"), n("accepted"), n("duplicate"),
-                                         n("quarantined")).collect()
+                                         n("near_duplicate"), n("quarantined")).collect()
     return {listed_path(r["source_file"]): {"read": r["read"], "accepted": r["accepted"],
-                                            "duplicates": r["duplicate"], "quarantined": r["quarantined"]}
+                                            "duplicates": r["duplicate"], "near_duplicates": r["near_duplicate"],
+                                            "quarantined": r["quarantined"]}
             for r in rows}
 
 
@@ -384,7 +388,7 @@ def listed_path(source_file: str) -> str:
 def file_counts(checked: Checked, per_file: dict[str, dict[str, int]]) -> dict[str, Any]:
     """The manifest's file accounting: files seen = ingested (whole or, cut short, in part) + skipped,
     the reasons and casts, and every file's record counts."""
-    zero = {"read": 0, "accepted": 0, "duplicates": 0, "quarantined": 0}
+    zero = {"read": 0, "accepted": 0, "duplicates": 0, "near_duplicates": 0, "quarantined": 0}
     files: dict[str, dict[str, Any]] = {}
     for v in checked.verdicts:
         files[v.path] = {**zero, **per_file.get(v.path, {}), "status": v.status}

@@ -272,6 +272,43 @@ class RefreshConfig(_Section):
     min_new_docs: int = Field(100, ge=1)  # fewer new docs than this: figures too noisy to refit on
 
 
+class NearDedupConfig(_Section):
+    """MinHash near-duplicates on text, found at ingest (:mod:`clustermix.minhash`).
+
+    Signatures of ``bands·rows`` MinHash values over word shingles of normalised text; two documents
+    that agree on all ``rows`` values of any band are candidates, and a candidate pair is a match
+    when the share of equal signature values (the MinHash estimate of their Jaccard similarity) is at
+    least ``threshold``. With 20 bands of 5 rows a pair at Jaccard 0.8 is a candidate with
+    probability 0.9996, one at 0.3 with 0.05."""
+
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, le=1)  # Jaccard similarity of the shingle sets
+    shingle_words: int = Field(5, ge=1)  # words per shingle (a text with fewer words is one shingle)
+    bands: int = Field(20, ge=1)
+    rows: int = Field(5, ge=1)  # MinHash values per band
+    seed: int = 17
+    max_iterations: int = Field(40, ge=1)  # label propagation rounds before giving up (fails, never guesses)
+
+
+class SemanticDedupConfig(_Section):
+    """SemDeDup inside each k-means cluster (:mod:`clustermix.semdedup`): in each cluster's order
+    (earlier ingests first, then ``keep``'s order), a document whose cosine similarity to a kept one
+    is at least ``threshold`` is a duplicate of the most similar; otherwise it is kept."""
+
+    enabled: bool = False
+    threshold: float = Field(0.95, gt=0, le=1)  # cosine similarity of the (L2-normalised) embeddings
+    keep: Literal["centroid", "quality"] = "centroid"  # closest to the centroid, or highest quality, first
+    block_rows: int = Field(4096, ge=1)  # rows compared against the kept set at once (memory, not result)
+    num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)  # > 0: the actors search on a GPU (faiss-gpu)
+
+
+class DedupConfig(_Section):
+    near: NearDedupConfig = NearDedupConfig()
+    semantic: SemanticDedupConfig = SemanticDedupConfig()
+
+
 class Config(_Section):
     lake: LakeConfig = LakeConfig()
     storage: StorageConfig = StorageConfig()
@@ -286,6 +323,7 @@ class Config(_Section):
     blend: BlendConfig = BlendConfig()
     search: SearchConfig = SearchConfig()
     refresh: RefreshConfig = RefreshConfig()
+    dedup: DedupConfig = DedupConfig()
 
     def section_hash(self, *names: str) -> str:
         """A stable hash of some sections, used to tell whether a stage's output is current."""

@@ -21,6 +21,14 @@ CONTRACTS: dict[str, dict[str, str]] = {
     },
     "quarantine": {"raw": "string", "reason": "string", "source_file": "string", "run_id": "string"},
     "duplicates": {"id": "string", "duplicate_of": "string", "source_file": "string", "run_id": "string"},
+    # a MinHash near-copy of an accepted document: duplicate_of is the kept document of its group
+    "near_duplicates": {"id": "string", "duplicate_of": "string", "jaccard": "double", "domain": "string",
+                        "snippet": "string", "source_file": "string", "run_id": "string"},
+    "minhash_signatures": {"id": "string", "signature": "array<int>", "scheme": "string", "source_file": "string",
+                           "run_id": "string"},
+    # a document whose embedding is within dedup.semantic.threshold of a kept one of its cluster
+    "semantic_duplicates": {"id": "string", "duplicate_of": "string", "cluster_id": "int", "similarity": "float",
+                            "domain": "string", "run_id": "string"},
     "bad_files": {
         "path": "string", "source_file": "string", "size": "bigint", "reason": "string", "detail": "string",
         "status": "string", "records": "bigint", "run_id": "string",

@@ -47,6 +47,8 @@ def arrow_schema(table: str) -> pa.Schema:
                      ("predicted_score", pa.float64()), ("seed", pa.int64()), ("tokens", pa.int64()),
                      ("max_passes", pa.float64()), ("seconds", pa.float64()), ("is_best", pa.bool_()),
                      ("run_id", pa.string())],
+        "semantic_duplicates": [("id", pa.string()), ("duplicate_of", pa.string()), ("cluster_id", pa.int32()),
+                                ("similarity", pa.float32()), ("domain", pa.string()), ("run_id", pa.string())],
     }
     return pa.schema([pa.field(n, t, nullable=True) for n, t in fields[table]])
 

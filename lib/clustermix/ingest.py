@@ -1,7 +1,10 @@
-"""Ingest (Spark): raw corpus -> ``docs``, ``quarantine``, ``duplicates``.
+"""Ingest (Spark): raw corpus -> ``docs``, ``quarantine``, ``duplicates``, ``near_duplicates``.
 
 Every record read ends in exactly one place: ``docs`` (accepted), ``duplicates`` (the same text
-as an accepted document, under any id), or ``quarantine`` with a machine-readable reason.
+as an accepted document, under any id), ``near_duplicates`` (a MinHash near-copy of an accepted
+document: :mod:`clustermix.minhash`, under ``dedup.near``), or ``quarantine`` with a
+machine-readable reason. The MinHash signatures of the accepted documents are kept in
+``minhash_signatures``, so a refresh compares new documents with old ones without hashing old text.
 JSON lines are parsed with Spark's VARIANT functions, so no Python runs per record.
 """
 
@@ -30,6 +33,8 @@ REASONS = (
     "invalid_utf8", "malformed_json", "not_an_object", "missing_text", "text_not_string", "blank_text",
     "nul_in_text", "too_long", "bad_id", "quality_not_a_number", "duplicate_id",
 )
+SIGNATURES = "minhash_signatures"
+SNIPPET_CHARS = 300
 _NUMERIC = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL.*)$"
 _INTEGRAL = r"^(TINYINT|SMALLINT|INT|BIGINT|DECIMAL\(\d+,0\))$"
 
@@ -91,18 +96,86 @@ def classify(df: DataFrame, max_chars: int, chars_per_token: float) -> DataFrame
         "n_tokens", F.ceil(F.char_length(text) / F.lit(chars_per_token)).cast("bigint"))
 
 
+class NearMarker:
+    """Marks the accepted records that are MinHash near-copies of another accepted document (of this
+    ingest or, in a refresh, an earlier one) as ``near_duplicate``; keeps the kept ones' signatures
+    for ``minhash_signatures``. Holds what it cached until :meth:`release`."""
+
+    def __init__(self, cfg: Config, prior: DataFrame | None = None) -> None:
+        self.cfg, self.prior = cfg.dedup.near, prior
+        self.signatures: DataFrame | None = None
+        self._cached: list[DataFrame] = []
+
+    def __call__(self, df: DataFrame) -> DataFrame:
+        from pyspark import StorageLevel
+        from pyspark.sql import functions as F
+
+        from clustermix import minhash
+
+        if not self.cfg.enabled:
+            self.signatures = None
+            return df.withColumn("jaccard", F.lit(None).cast("double"))
+        df = self._cache(df.persist(StorageLevel.MEMORY_AND_DISK))  # the MinHash pass reads it several times
+        accepted = df.where(F.col("outcome") == "accepted").select("id", F.col("_text").alias("text"), "source_file")
+        # keys order the documents of a group: "0"+id for an earlier ingest's (they stay), "1"+id for new ones
+        sigs = self._cache(minhash.signatures(accepted, self.cfg).withColumn("key", F.concat(F.lit("1"), "id"))
+                           .persist(StorageLevel.MEMORY_AND_DISK))
+        both, candidates = sigs.select("key", "signature"), None
+        if self.prior is not None:
+            old = self.prior.select(F.concat(F.lit("0"), "id").alias("key"), "signature")
+            new_buckets = minhash.band_rows(sigs, self.cfg).select("band", "bucket").distinct()
+            near_new = minhash.band_rows(old, self.cfg).join(new_buckets, ["band", "bucket"], "left_semi").select(
+                "key").distinct()
+            both = both.unionByName(old.join(near_new, "key", "left_semi"))
+            candidates = sigs.select("key")
+        found = minhash.near_duplicates(both, self.cfg, candidates).select(
+            F.expr("substring(key, 2)").alias("id"), F.expr("substring(kept_key, 2)").alias("_near_of"), "jaccard")
+        found = self._cache(found.persist(StorageLevel.MEMORY_AND_DISK))
+        self.signatures = sigs.join(found, "id", "left_anti")
+        # only the accepted record of an id is marked: an exact duplicate of it shares its id
+        near = F.col("_near")
+        return df.join(found, "id", "left").withColumn(
+            "_near", (F.col("outcome") == "accepted") & F.col("_near_of").isNotNull()).withColumn(
+            "duplicate_of", F.when(near, F.col("_near_of")).otherwise(F.col("duplicate_of"))).withColumn(
+            "outcome", F.when(near, F.lit("near_duplicate")).otherwise(F.col("outcome"))).withColumn(
+            "jaccard", F.when(near, F.col("jaccard"))).drop("_near_of", "_near")
+
+    def _cache(self, df: DataFrame) -> DataFrame:
+        self._cached.append(df)
+        return df
+
+    def frame(self, spark: SparkSession, run_id: str) -> DataFrame:
+        """The ``minhash_signatures`` rows of this ingest's kept documents (none when disabled)."""
+        from pyspark.sql import functions as F
+
+        schema = "id string, signature array<int>, scheme string, source_file string, run_id string"
+        if self.signatures is None:
+            return spark.createDataFrame([], schema)
+        from clustermix.minhash import scheme
+
+        return self.signatures.select("id", "signature", F.lit(scheme(self.cfg)).alias("scheme"), "source_file",
+                                      F.lit(run_id).alias("run_id"))
+
+    def release(self) -> None:
+        while self._cached:
+            self._cached.pop().unpersist()
+
+
 def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, write: TableWriter) -> dict[str, Any]:
-    """Check every input file, classify every record of the usable ones, write the three tables through
+    """Check every input file, classify every record of the usable ones, write the record tables through
     ``write(name, df)`` and the bad files to ``bad_files``, prove the accounting of records and files."""
     from clustermix import badfiles
 
     checked = badfiles.check_input(spark, cfg, spec, write.lake, run_id)  # under fail: raises, writes nothing
+    marker = NearMarker(cfg)
     df, counts, per_file, checked = badfiles.read_counted(
-        spark, checked, cfg, lambda c: classify(c, cfg.ingest.max_chars, cfg.ingest.chars_per_token))
+        spark, checked, cfg, lambda c: marker(classify(c, cfg.ingest.max_chars, cfg.ingest.chars_per_token)))
     try:
         versions = {name: write(name, contracts.check(frame, name)) for name, frame in _outputs(df, run_id).items()}
+        versions[SIGNATURES] = write(SIGNATURES, marker.frame(spark, run_id))
     finally:
         df.unpersist()
+        marker.release()
         checked.cleanup(write.lake)
     result = {**_result(counts, versions), **badfiles.file_counts(checked, per_file)}
     verify_accounting(result, write.lake)
@@ -113,7 +186,7 @@ def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, w
 
 
 def _outputs(df: DataFrame, run_id: str) -> dict[str, DataFrame]:
-    """The three ingest tables from classified records."""
+    """The record tables of ingest from classified records."""
     from pyspark.sql import functions as F
 
     run = F.lit(run_id)
@@ -125,16 +198,26 @@ def _outputs(df: DataFrame, run_id: str) -> dict[str, DataFrame]:
                                                                          run.alias("run_id")),
         "duplicates": df.where(F.col("outcome") == "duplicate").select("id", "duplicate_of", "source_file",
                                                                        run.alias("run_id")),
+        # the text of a near-copy is in no table: a snippet keeps it visible to the report's examples
+        "near_duplicates": df.where(F.col("outcome") == "near_duplicate").select(
+            "id", "duplicate_of", "jaccard", "domain", F.substring("_text", 1, SNIPPET_CHARS).alias("snippet"),
+            "source_file", run.alias("run_id")),
     }
 
 
+# every record read lands in exactly one of these
+RECORD_TABLES = ("docs", "duplicates", "near_duplicates", "quarantine")
+OUTCOMES = ("accepted", "duplicate", "near_duplicate", "quarantined")
+
+
 def _result(counts: dict[tuple[str, str | None], int], versions: dict[str, int]) -> dict[str, Any]:
-    by_outcome = {o: sum(c for (oo, _), c in counts.items() if oo == o) for o in ("accepted", "duplicate", "quarantined")}
+    by_outcome = {o: sum(c for (oo, _), c in counts.items() if oo == o) for o in OUTCOMES}
     reasons = {r: c for (o, r), c in sorted(counts.items(), key=lambda kv: str(kv[0])) if o == "quarantined"}
     return {
         "read": sum(counts.values()),
         "accepted": by_outcome["accepted"],
         "duplicates": by_outcome["duplicate"],
+        "near_duplicates": by_outcome["near_duplicate"],
         "quarantined": by_outcome["quarantined"],
         "quarantined_by_reason": reasons,
         "versions": versions,
@@ -142,15 +225,14 @@ def _result(counts: dict[tuple[str, str | None], int], versions: dict[str, int])
 
 
 def verify_accounting(result: dict[str, Any], lake: Lake) -> None:
-    """Check, against the committed tables, that read = accepted + duplicates + quarantined."""
+    """Check, against the committed tables, that read = accepted + duplicates + near duplicates +
+    quarantined."""
     from clustermix.deltalog import num_records
 
-    written = {n: num_records(lake.table(n)) for n in ("docs", "duplicates", "quarantine")}
-    total = written["docs"] + written["duplicates"] + written["quarantine"]
-    if total != result["read"] or written["docs"] != result["accepted"]:
-        raise AccountingError(
-            f"ingest lost records: read {result['read']} but tables hold docs={written['docs']} "
-            f"duplicates={written['duplicates']} quarantine={written['quarantine']}")
+    written = {n: num_records(lake.table(n)) for n in RECORD_TABLES}
+    if sum(written.values()) != result["read"] or written["docs"] != result["accepted"] or \
+            written["near_duplicates"] != result["near_duplicates"]:
+        raise AccountingError(f"ingest lost records: read {result['read']} but tables hold {written}")
 
 
 def _prior_rows(spark: SparkSession, lake: Lake, new: DataFrame, replaced: str) -> DataFrame:
@@ -174,6 +256,29 @@ def _prior_rows(spark: SparkSession, lake: Lake, new: DataFrame, replaced: str) 
         F.col("quality").alias("_q"), "domain", "lang", F.lit(True).alias("_prior"))
 
 
+def _prior_signatures(spark: SparkSession, lake: Lake, cfg: Config, replaced: str) -> DataFrame | None:
+    """The signatures of the documents already accepted (not from files being re-taken), or None when
+    near-duplicates are off. Signatures of another scheme cannot be compared: that needs a full ingest."""
+    from pyspark.sql import functions as F
+
+    from clustermix.deltalog import version
+    from clustermix.errors import DataError
+    from clustermix.minhash import scheme
+    from clustermix.tableio import read
+
+    if not cfg.dedup.near.enabled:
+        return None
+    if version(lake.table(SIGNATURES)) is None:
+        raise DataError(f"dedup.near is on but the lake has no {SIGNATURES} table (it was ingested before "
+                        "near-duplicates existed, or with them off): run `clustermix run` once to ingest everything")
+    prior = read(spark, lake, SIGNATURES).where(f"NOT ({replaced})")
+    other = prior.where(F.col("scheme") != scheme(cfg.dedup.near)).limit(1).collect()
+    if other:
+        raise DataError(f"dedup.near's shingles, bands, rows or seed changed ({other[0]['scheme']} in the lake, "
+                        f"{scheme(cfg.dedup.near)} now): run `clustermix run` once to ingest everything")
+    return prior
+
+
 def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, write: TableWriter,
                          lake: Lake) -> dict[str, Any]:
     """Ingest only ``spec.files`` into the existing tables (a nightly refresh).
@@ -193,23 +298,28 @@ def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_
     checked = badfiles.check_input(spark, cfg, spec, lake, run_id)  # under fail: raises, writes nothing
     replaced = sql_in(SOURCE_KEY, spark_source_uris(spark, list(spec.files)))
 
+    marker = NearMarker(cfg, _prior_signatures(spark, lake, cfg, replaced))
+
     def classified(records: DataFrame) -> DataFrame:
         new = records.withColumn("_prior", F.lit(False))
         both = new.unionByName(_prior_rows(spark, lake, new, replaced))
-        return classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior"))
+        return marker(classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior")))
 
     df, counts, per_file, checked = badfiles.read_counted(spark, checked, cfg, classified)
     try:
         versions = {name: write(name, contracts.check(frame, name), replace_where=replaced)
                     for name, frame in _outputs(df, run_id).items()}
+        versions[SIGNATURES] = write(SIGNATURES, marker.frame(spark, run_id), replace_where=replaced)
     finally:
         df.unpersist()
+        marker.release()
         checked.cleanup(lake)
     result = {**_result(counts, versions), **badfiles.file_counts(checked, per_file)}
     # count what the committed versions hold from these files (commit metrics would also count rows
     # Delta copied while rewriting a file)
-    written = {name: read(spark, lake, name, v).where(replaced).count() for name, v in versions.items()}
-    if sum(written.values()) != result["read"] or written["docs"] != result["accepted"]:
+    written = {name: read(spark, lake, name, versions[name]).where(replaced).count() for name in RECORD_TABLES}
+    if sum(written.values()) != result["read"] or written["docs"] != result["accepted"] or \
+            written["near_duplicates"] != result["near_duplicates"]:
         raise AccountingError(f"refresh ingest lost records: read {result['read']} but wrote {written}")
     versions[badfiles.TABLE] = write(badfiles.TABLE, contracts.check(badfiles.frame(spark, checked, result, run_id),
                                                                      badfiles.TABLE), replace_where=replaced)

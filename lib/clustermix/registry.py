@@ -18,9 +18,11 @@ def _has_search_target(cfg: Config) -> bool:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", reads=(), writes=("docs", "quarantine", "duplicates", "bad_files"),
-          fingerprint=("input", "ingest"),
-          help="raw corpus -> docs, quarantine, duplicates; unreadable input files -> bad_files (Spark)",
+    Stage("ingest", reads=(), writes=("docs", "quarantine", "duplicates", "near_duplicates", "minhash_signatures",
+                                      "bad_files"),
+          fingerprint=("input", "ingest", "dedup.near"), ignore=("dedup.near.max_iterations",),
+          help="raw corpus -> docs, quarantine, duplicates (exact), near_duplicates (MinHash, dedup.near.*); "
+               "unreadable input files -> bad_files (Spark)",
           run="clustermix.ingest:run", inputs="clustermix.ingest:stage_inputs"),
     Stage("embed", reads=("docs",), writes=("embeddings",),
           fingerprint=("embed.model", "embed.max_seq_length", "embed.long_docs", "embed.precision"),
@@ -35,16 +37,24 @@ STAGES: tuple[Stage, ...] = (
           help="embeddings without an assignment -> assignments to the existing centroids, or a refit when "
                "drift passes the refresh.* thresholds (what a refresh runs instead of cluster)",
           run="clustermix.assign:run", inputs="clustermix.assign:stage_inputs", in_run=False, engine="ray"),
+    # the block size and the actors change how the duplicates are found, never which
+    Stage("dedup", reads=("embeddings", "assignments", "docs"), writes=("semantic_duplicates",),
+          fingerprint=("dedup.semantic", "embed.model"),
+          ignore=("dedup.semantic.block_rows", "dedup.semantic.num_actors", "dedup.semantic.cpus_per_actor",
+                  "dedup.semantic.gpus_per_actor"),
+          help="embeddings + assignments -> semantic_duplicates: documents within dedup.semantic.threshold "
+               "(cosine) of a kept one in their cluster (SemDeDup; Ray + FAISS; off: an empty table)",
+          run="clustermix.semantic:run", engine="ray"),
     # the cells of cell_stats are (cluster, value of sample.group_column)
-    Stage("stats", reads=("docs", "assignments", "centroids"), writes=("cluster_stats", "cell_stats"),
+    Stage("stats", reads=("docs", "assignments", "centroids", "semantic_duplicates"), writes=("cluster_stats", "cell_stats"),
           fingerprint=("stats", "sample.group_column"),
           help="docs + assignments -> cluster_stats, cell_stats (Spark)", run="clustermix.stats:run"),
     # the whole sample section: budget, clip, order, and balance, group_column, group_weights
-    Stage("sample", reads=("cluster_stats", "cell_stats", "assignments", "docs"), writes=("sample_plan",),
+    Stage("sample", reads=("cluster_stats", "cell_stats", "assignments", "docs", "semantic_duplicates"), writes=("sample_plan",),
           fingerprint=("sample",),
           help="cluster_stats (+ cell_stats) -> sample_plan (ClusterClip, optionally across groups first; Spark)",
           run="clustermix.sample:run"),
-    Stage("search", reads=("docs", "assignments", "centroids"), writes=("mixtures",),
+    Stage("search", reads=("docs", "assignments", "centroids", "semantic_duplicates"), writes=("mixtures",),
           fingerprint=("search", "sample.clip"),
           ignore=("search.gpus_per_proxy", "search.cpus_per_proxy", "search.torch_threads", "search.device"),
           help="docs + assignments + a target set -> mixtures, search/best_mixture.json (CLIMB: pools drawn "
@@ -53,7 +63,7 @@ STAGES: tuple[Stage, ...] = (
           in_run=_has_search_target, engine="ray"),
     # the join strategy changes how blended is computed, never what it holds; the layout salt is the
     # shape of blended's files (2: each file one contiguous run of positions): a change reruns old blends
-    Stage("blend", reads=("sample_plan", "cluster_stats", "assignments", "docs"), writes=("blended",),
+    Stage("blend", reads=("sample_plan", "cluster_stats", "assignments", "docs", "semantic_duplicates"), writes=("blended",),
           fingerprint=("blend", "sample"), ignore=("blend.broadcast_max_rows",), salt={"layout": 2},
           help="sample_plan + docs -> blended, the training mix (Spark)",
           run="clustermix.blend:run", inputs="clustermix.blend:stage_inputs"),

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from clustermix import __version__
+from clustermix.contracts import NO_DOMAIN
 from clustermix.deltalog import rows_of
 from clustermix.errors import DataError
 from clustermix.lake import Lake, is_hidden, write_atomic
@@ -162,32 +163,74 @@ def _snippets(docs: DeltaTable | None, ids: set[str]) -> dict[str, str]:
 
 def _accounting(run: _Run) -> dict[str, Any]:
     counts = run.stage("ingest").get("counts") or {}
-    dts = {t: run.table(t) for t in ("docs", "duplicates", "quarantine")}
+    dts = {t: run.table(t) for t in ("docs", "duplicates", "near_duplicates", "quarantine")}
     tables = {t: rows_of(dt) for t, dt in dts.items() if dt is not None}
     if "read" in counts:
         acc = {k: counts[k] for k in ("read", "accepted", "duplicates", "quarantined")}
+        acc["near_duplicates"] = counts.get("near_duplicates", 0)  # absent from runs before MinHash
         acc["quarantined_by_reason"] = dict(counts.get("quarantined_by_reason") or {})
         acc["source"] = f"manifest of run {run.stage('ingest')['counts_from']}"
-    elif len(tables) == 3:
+    elif {"docs", "duplicates", "quarantine"} <= set(tables):
         quarantine = dts["quarantine"]
         assert quarantine is not None
         reasons = {str(k): v for k, v in sorted(_value_counts(quarantine, "reason").items(), key=lambda kv: str(kv[0]))}
         acc = {"accepted": tables["docs"], "duplicates": tables["duplicates"], "quarantined": tables["quarantine"],
+               "near_duplicates": tables.get("near_duplicates", 0),
                "quarantined_by_reason": reasons, "source": "committed tables (no manifest recorded ingest's counts)"}
-        acc["read"] = acc["accepted"] + acc["duplicates"] + acc["quarantined"]
+        acc["read"] = acc["accepted"] + acc["duplicates"] + acc["near_duplicates"] + acc["quarantined"]
         run.notes.append("input accounting: ingest's counts are in no manifest; counted from the committed tables")
     else:
         return {"available": False}
     acc["available"] = True
-    acc["balanced"] = acc["read"] == acc["accepted"] + acc["duplicates"] + acc["quarantined"]
+    acc["balanced"] = acc["read"] == acc["accepted"] + acc["duplicates"] + acc["near_duplicates"] + acc["quarantined"]
     acc["files"] = _files(run, counts)
     acc["tables"] = tables
-    acc["matches_tables"] = tables == {"docs": acc["accepted"], "duplicates": acc["duplicates"],
-                                       "quarantine": acc["quarantined"]}
+    want = {"docs": acc["accepted"], "duplicates": acc["duplicates"], "quarantine": acc["quarantined"],
+            "near_duplicates": acc["near_duplicates"]}
+    acc["matches_tables"] = all(tables.get(t, 0) == n for t, n in want.items())
     return acc
 
 
 BAD_FILES_SHOWN = 500
+DEDUP_EXAMPLES = 3  # pairs shown per dedup: the least similar of the first rows, those nearest the threshold
+DEDUP_SCANNED = 20_000  # rows of a duplicates table the examples are picked from (never the whole table)
+
+
+def _dedup(run: _Run, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What each dedup removed: in all, per source (domain) and, for the semantic one, per cluster; the
+    thresholds; a few pairs side by side. Counts stream one column; examples read a bounded prefix."""
+    import pyarrow as pa
+
+    dcfg = cfg.get("dedup") or {}
+    out: dict[str, Any] = {}
+    for kind, table, sim, threshold_of in (("near", "near_duplicates", "jaccard", "Jaccard of word shingles"),
+                                           ("semantic", "semantic_duplicates", "similarity", "cosine of embeddings")):
+        sec = dict(dcfg.get(kind) or {})
+        dt = run.table(table)
+        entry: dict[str, Any] = {"enabled": sec.get("enabled"), "threshold": sec.get("threshold"),
+                                 "measure": threshold_of, "available": dt is not None}
+        if kind == "semantic":
+            entry["keep"] = sec.get("keep")
+        if dt is not None:
+            entry["removed"] = rows_of(dt)
+            entry["per_source"] = {str(k if k is not None else NO_DOMAIN): v for k, v in
+                                   sorted(_value_counts(dt, "domain").items(), key=lambda kv: -kv[1])}
+            if kind == "semantic":
+                entry["per_cluster"] = {str(k): v for k, v in sorted(_value_counts(dt, "cluster_id").items())}
+            cols = ["id", "duplicate_of", sim] + (["snippet"] if kind == "near" else [])
+            head: list[dict[str, Any]] = []
+            for batch in dt.to_pyarrow_dataset().to_batches(columns=cols):
+                head += pa.Table.from_batches([batch]).to_pylist()
+                if len(head) >= DEDUP_SCANNED:
+                    break
+            shown = sorted(head, key=lambda r: (r[sim], r["id"]))[:DEDUP_EXAMPLES]
+            texts = _snippets(run.table("docs"), {r["duplicate_of"] for r in shown}
+                              | ({r["id"] for r in shown} if kind == "semantic" else set()))
+            entry["examples"] = [{"id": r["id"], "kept": r["duplicate_of"], "similarity": r[sim],
+                                  "text": r.get("snippet") or texts.get(r["id"], ""),
+                                  "kept_text": texts.get(r["duplicate_of"], "")} for r in shown]
+        out[kind] = entry
+    return out
 
 
 def _files(run: _Run, counts: dict[str, Any]) -> dict[str, Any]:
@@ -422,6 +465,7 @@ def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
                     if "inputs_taken" in manifest else None, "drift": manifest.get("drift")},
         "code_version": {"run": manifest.get("clustermix_version"), "report": __version__},
         "accounting": _accounting(run),
+        "dedup": _dedup(run, cfg),
         "clusters": clusters,
         "under_represented": {
             "below_threshold": [r["cluster_id"] for r in clusters["rows"] if r["below_threshold"]],

@@ -70,8 +70,9 @@ def _glance(rep: dict[str, Any]) -> str:
     items = []
     if acc.get("available"):
         items.append(f"Input: {_n(acc['read'])} records read, {_n(acc['accepted'])} accepted, "
-                     f"{_n(acc['duplicates'])} duplicates, {_n(acc['quarantined'])} quarantined; "
-                     f"read = accepted + duplicates + quarantined {_ok(acc['balanced'])}")
+                     f"{_n(acc['duplicates'])} duplicates, {_n(acc.get('near_duplicates'))} near duplicates, "
+                     f"{_n(acc['quarantined'])} quarantined; "
+                     f"read = accepted + duplicates + near duplicates + quarantined {_ok(acc['balanced'])}")
         files = acc.get("files") or {}
         if files.get("available"):
             items.append(f"Input files: {_n(files['files_seen'])} seen, {_n(files['files_ingested'])} ingested "
@@ -102,13 +103,41 @@ def _accounting(acc: dict[str, Any]) -> str:
     if not acc.get("available"):
         return "<p>Ingest did not finish in this run or any run it reused: no input accounting.</p>"
     rows = [["read", _n(acc["read"])], ["accepted", _n(acc["accepted"])], ["duplicates", _n(acc["duplicates"])],
-            ["quarantined", _n(acc["quarantined"])]]
+            ["near duplicates (MinHash)", _n(acc.get("near_duplicates"))], ["quarantined", _n(acc["quarantined"])]]
     rows += [[f"&nbsp;&nbsp;quarantined: {_e(r)}", _n(c)] for r, c in acc["quarantined_by_reason"].items()]
     return (_table(["records", "count"], rows, (1,))
-            + f"<p>read = accepted + duplicates + quarantined {_ok(acc['balanced'])}; the committed tables hold "
-            f"{_n(acc['tables'].get('docs'))} docs, {_n(acc['tables'].get('duplicates'))} duplicates and "
+            + f"<p>read = accepted + duplicates + near duplicates + quarantined {_ok(acc['balanced'])}; the "
+            f"committed tables hold {_n(acc['tables'].get('docs'))} docs, {_n(acc['tables'].get('duplicates'))} "
+            f"duplicates, {_n(acc['tables'].get('near_duplicates'))} near duplicates and "
             f"{_n(acc['tables'].get('quarantine'))} quarantined records {_ok(acc['matches_tables'])}. "
             f'<span class="muted">Source: {_e(acc["source"])}.</span></p>' + _files(acc.get("files") or {}))
+
+
+def _dedup(rep: dict[str, Any]) -> str:
+    """What each dedup removed, per source and per cluster, its threshold, and example pairs side by side."""
+    out = []
+    titles = {"near": "Near duplicates (MinHash, at ingest: never in docs)",
+              "semantic": "Semantic duplicates (inside each cluster: in docs, left out of stats, sample and blend)"}
+    for kind, d in (rep.get("dedup") or {}).items():
+        head = (f"<h3>{escape(titles[kind])}</h3><p>{'on' if d.get('enabled') else 'off'}; threshold "
+                f"{_n(d.get('threshold'), 3)} ({_e(d.get('measure'))})"
+                + (f"; kept first: {_e(d.get('keep'))}" if d.get("keep") else "") + "; removed "
+                f"<b>{_n(d.get('removed'))}</b> documents.</p>")
+        if not d.get("available"):
+            out.append(head + "<p>No table: the stage has not run on this lake.</p>")
+            continue
+        per_source = [[_e(k), _n(v)] for k, v in (d.get("per_source") or {}).items()]
+        body = _table(["source (domain)", "removed"], per_source, (1,)) if per_source else ""
+        per_cluster = [[_e(k), _n(v)] for k, v in (d.get("per_cluster") or {}).items()]
+        if per_cluster:
+            body += _table(["cluster", "removed"], per_cluster, (0, 1))
+        ex = [[_e(e["id"]), _e(e["text"]), _e(e["kept"]), _e(e["kept_text"]), _n(e["similarity"], 3)]
+              for e in d.get("examples") or []]
+        if ex:
+            body += ("<p>Examples nearest the threshold, removed beside kept:</p>"
+                     + _table(["removed", "its text", "kept", "kept text", "similarity"], ex, (4,)))
+        out.append(head + body)
+    return "".join(out) or "<p>No dedup figures in this report.</p>"
 
 
 def _files(f: dict[str, Any]) -> str:
@@ -322,7 +351,8 @@ def _run(rep: dict[str, Any], figs: dict[str, str]) -> str:
 
 
 SECTIONS = (
-    ("accounting", "Input accounting"), ("clusters", "Clusters before and after sampling"),
+    ("accounting", "Input accounting"), ("dedup", "Duplicates removed"),
+    ("clusters", "Clusters before and after sampling"),
     ("under", "Under-represented clusters"), ("domains", "Domains before and after"),
     ("draws", "Draws per document"), ("blend", "Blend: the final mix"),
     ("levels", "Balance per level: groups, then clusters"), ("quality", "Quality"),
@@ -334,7 +364,8 @@ def render(rep: dict[str, Any], figs: dict[str, str]) -> str:
     """The whole page for report dict ``rep`` and base64 PNG figures ``figs``."""
     run = rep["run"]
     body = {
-        "accounting": _accounting(rep["accounting"]), "clusters": _clusters(rep, figs), "under": _under(rep),
+        "accounting": _accounting(rep["accounting"]), "dedup": _dedup(rep), "clusters": _clusters(rep, figs),
+        "under": _under(rep),
         "domains": _domains(rep, figs), "levels": _levels(rep), "draws": _draws(rep, figs), "blend": _blend(rep, figs),
         "quality": _quality(rep, figs), "search": _search(rep, figs), "run": _run(rep, figs),
     }

@@ -189,9 +189,10 @@ def _write_cluster(group: pa.Table, *, pool_uri: str, s3: S3Settings | None) -> 
 
 def draw_pools(scfg: SearchConfig, docs_uri: str, docs_version: int | None, assignments_uri: str,
                assignments_version: int | None, target: pa.Table, pool_tokens: int, pool_uri: str, partitions: int,
-               s3: S3Settings | None) -> dict[int, int]:
+               s3: S3Settings | None, duplicates: tuple[str, int | None] | None = None) -> dict[int, int]:
     """Write the pools (hive-partitioned by ``cluster_id``: rank, before, ptokens, text) under
-    ``pool_uri``; return the trainable tokens per cluster (K numbers)."""
+    ``pool_uri``; return the trainable tokens per cluster (K numbers). ``duplicates``: the
+    ``semantic_duplicates`` table and its pinned version, whose ids no pool draws."""
     import pyarrow as pa
     import ray
     import ray.data
@@ -205,6 +206,10 @@ def draw_pools(scfg: SearchConfig, docs_uri: str, docs_version: int | None, assi
                                      "seed": scfg.seed}, batch_format="pyarrow", batch_size=None)
     members = ray.data.read_datasource(rayread.files_source(asg_files, asg_rows, ["id", "cluster_id"], BLOCK_ROWS,
                                                             s3=s3))
+    if duplicates is not None and deltalog.num_records(*duplicates):
+        dup_files, dup_rows = deltalog.file_counts(*duplicates)
+        dups = ray.data.read_datasource(rayread.files_source(dup_files, dup_rows, ["id"], BLOCK_ROWS, s3=s3))
+        members = members.join(dups, join_type="left_anti", num_partitions=partitions, on=("id",))
     joined = members.join(trainable, join_type="inner", num_partitions=partitions, on=("id",))
     pools = joined.map_batches(_block_prefix, fn_kwargs={"pool_tokens": pool_tokens}, batch_format="pyarrow",
                                batch_size=None).groupby("cluster_id").map_groups(

@@ -114,8 +114,10 @@ def run_search(lake: Lake, cfg: Config, inputs: dict[str, int], run_id: str, wri
         filesystem.create_dir(base, recursive=True)
         pq.write_table(target, f"{base}/part-0.parquet", filesystem=filesystem)
         partitions = max(2, min(256, int(ray.cluster_resources().get("CPU", 2))))
+        dups = lake.table("semantic_duplicates")
         per = pools.draw_pools(scfg, lake.table("docs"), inputs.get("docs"), lake.table("assignments"),
-                               inputs.get("assignments"), target, pool_tokens, pool_uri, partitions, s3)
+                               inputs.get("assignments"), target, pool_tokens, pool_uri, partitions, s3,
+                               (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups) is not None else None)
         tokens = np.array([per.get(int(c), 0) for c in cluster_ids], dtype=np.int64)
         groups = None
         if scfg.merge_threshold is not None or scfg.merge_to is not None:

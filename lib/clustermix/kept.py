@@ -1,0 +1,29 @@
+"""The documents the mix is made of: assignments less the semantic duplicates.
+
+One reader for every stage after ``dedup`` (stats, sample, blend, search), so that they all see the
+same kept set, and each declares ``semantic_duplicates`` among its reads: a change of the duplicates
+reruns them. The MinHash near-duplicates never reach ``docs``, so they need no filter here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from clustermix.lake import Lake
+
+
+def assignments(spark: SparkSession, lake: Lake, inputs: dict[str, Any]) -> DataFrame:
+    """``assignments`` at its pinned version without the ids of ``semantic_duplicates`` at its pinned
+    version (no join at all when there are none)."""
+    from clustermix.deltalog import num_records, version
+    from clustermix.tableio import read
+
+    a = read(spark, lake, "assignments", inputs.get("assignments"))
+    uri, pinned = lake.table("semantic_duplicates"), inputs.get("semantic_duplicates")
+    if (pinned is None and version(uri) is None) or not num_records(uri, pinned):
+        return a
+    dups = read(spark, lake, "semantic_duplicates", pinned).select("id")
+    return a.join(dups, "id", "left_anti")
