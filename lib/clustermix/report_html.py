@@ -351,11 +351,12 @@ def _run(rep: dict[str, Any], figs: dict[str, str]) -> str:
 
 
 SECTIONS = (
-    ("accounting", "Input accounting"), ("dedup", "Duplicates removed"),
+    # the duplicates' tables come after the balance plots: the first screen shows what the mix did
+    ("accounting", "Input accounting"),
     ("clusters", "Clusters before and after sampling"),
     ("under", "Under-represented clusters"), ("domains", "Domains before and after"),
     ("draws", "Draws per document"), ("blend", "Blend: the final mix"),
-    ("levels", "Balance per level: groups, then clusters"), ("quality", "Quality"),
+    ("levels", "Balance per level: groups, then clusters"), ("dedup", "Duplicates removed"), ("quality", "Quality"),
     ("search", "Mixture search"), ("run", "Run: stages, versions, config"),
 )
 
