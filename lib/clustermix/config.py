@@ -134,11 +134,28 @@ class ClusterConfig(_Section):
     tol: float = Field(1e-6, ge=0)
     nredo: int = Field(1, ge=1)
     num_shards: int = Field(2, ge=1)
-    fit_fraction: float = Field(1.0, gt=0, le=1)
-    fit_max_points: int | None = Field(None, ge=1)
+    # the fit sample, as FAISS's max_points_per_centroid: k·this many documents (drawn by a seeded hash
+    # of the id while reading) are held by the shard actors; every document is then assigned by a
+    # streaming pass. The fraction fitted goes into the manifest and the report
+    max_points_per_centroid: int = Field(256, ge=1)
+    # random: k sample points (FAISS's seeding; O(k·d) on the driver, any k). kmeans++: k-means++ on
+    # init_sample points on the driver, O(k·init_sample·d) time: for small k only
+    init: Literal["random", "kmeans++"] = "random"
     init_sample: int = Field(100_000, ge=1)
-    cpus_per_shard: float = Field(1.0, gt=0)
+    block_rows: int = Field(65_536, ge=1)  # rows per block a shard actor or an assignment task reads
+    cpus_per_shard: float = Field(1.0, gt=0)  # also the threads of each shard's FAISS search and sums
     use_gpu: Literal["auto", "never", "always"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("fit_fraction", "fit_max_points"):
+                if key in data:
+                    raise ConfigError(f"cluster.{key}", data[key], "replaced by cluster.max_points_per_centroid "
+                                      "(the fit keeps k × that many documents, drawn while reading; every "
+                                      "document is assigned)")
+        return data
 
 
 class StatsConfig(_Section):

@@ -30,14 +30,41 @@ def make_index(centroids: np.ndarray, use_gpu: bool = False):  # noqa: ANN201 - 
     return index
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by cosine (inner product of unit vectors): labels int32, scores float32."""
-    index = make_index(centroids, use_gpu)
+def rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise inner products in float64: the same bits for a row whatever rows come with it (FAISS's
+    batched float32 products differ in the last bits with the batch's size and a row's place in it)."""
+    return (np.asarray(a, dtype=np.float64) * np.asarray(b, dtype=np.float64)).sum(axis=1)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 65536,
+           exact_scores: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine (inner product of unit vectors): labels int32, scores float32.
+
+    FAISS ranks the two best centroids; where they are closer than float32 products can tell apart
+    (their rounding error for unit vectors is below d·2^-24 each), the two are rescored in float64,
+    so a label does not depend on how the points were batched or sharded. ``exact_scores``: every
+    score from :func:`rowdot` too (what the ``assignments`` table stores)."""
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    index = make_index(c, use_gpu)
+    k, d = c.shape
+    tie_gap = 2.0 * d * 2.0**-24
     labels = np.empty(len(x), dtype=np.int32)
     scores = np.empty(len(x), dtype=np.float32)
     for s in range(0, len(x), chunk):
-        d, i = index.search(np.ascontiguousarray(x[s : s + chunk], dtype=np.float32), 1)
-        labels[s : s + chunk], scores[s : s + chunk] = i[:, 0], d[:, 0]
+        xs = np.ascontiguousarray(x[s : s + chunk], dtype=np.float32)
+        dist, idx = index.search(xs, min(2, k))
+        lab, sc = idx[:, 0].copy(), dist[:, 0].copy()
+        if k > 1:
+            near = np.flatnonzero(dist[:, 0] - dist[:, 1] < tie_gap)
+            if len(near):
+                first, second = idx[near, 0], idx[near, 1]
+                s0, s1 = rowdot(xs[near], c[first]), rowdot(xs[near], c[second])
+                pick_second = (s1 > s0) | ((s1 == s0) & (second < first))
+                lab[near] = np.where(pick_second, second, first)
+                sc[near] = np.where(pick_second, s1, s0)
+        if exact_scores:
+            sc = rowdot(xs, c[lab])
+        labels[s : s + chunk], scores[s : s + chunk] = lab, sc
     return labels, scores
 
 
@@ -47,7 +74,7 @@ def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: i
 # The snap moves a component by at most 2^-21, far below what the embedding model resolves.
 QUANTUM_BITS = 20
 _Q = float(2**QUANTUM_BITS)
-SCORE_SCALE = float(2**32)  # scores are summed in fixed point for the same reason
+SCORE_SCALE = float(2**32)  # scores of many files are summed in fixed point for the same reason
 
 
 def quantize(x: np.ndarray) -> np.ndarray:
@@ -61,35 +88,60 @@ class Partial:
 
     sums: np.ndarray  # (k, d) float64, exact for quantized points
     counts: np.ndarray  # (k,) int64
-    qscore: int  # summed cosine, fixed point
     n: int
 
-    @property
-    def score_sum(self) -> float:
-        return self.qscore / SCORE_SCALE
+    def objective(self, centroids: np.ndarray) -> float:
+        """Mean cosine of the points to the centroids they were assigned to: Σ_c sums_c·c / n, from the
+        exact sums, so it is the same bits however the points were sharded."""
+        c = np.asarray(centroids, dtype=np.float64)
+        return float(rowdot(self.sums, c).sum()) / max(self.n, 1)
 
     def __add__(self, other: Partial) -> Partial:
-        return Partial(self.sums + other.sums, self.counts + other.counts, self.qscore + other.qscore,
-                       self.n + other.n)
+        return Partial(self.sums + other.sums, self.counts + other.counts, self.n + other.n)
 
 
-def partial_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 65536) -> Partial:
-    """Assign ``x`` to ``centroids`` and return per-cluster sums, counts and the summed cosine.
+def segment_sums(x: np.ndarray, labels: np.ndarray, k: int, threads: int = 1, chunk: int = 4096) -> np.ndarray:
+    """Per-cluster sums of the rows of ``x`` (``labels`` in [0, k)) as a (k, d) float64 array.
+
+    Each chunk of rows is multiplied by its sparse one-hot label matrix (scipy's CSR kernel, which
+    releases the GIL, so ``threads`` chunks run at once); the chunks' sums are then added. For
+    quantized points (:func:`quantize`) every partial sum is an exact float64, so the result is the
+    same bits whatever the chunking, thread count or sharding."""
+    import scipy.sparse as sp
+
+    x = np.asarray(x)
+    labels = np.asarray(labels)
+    d = x.shape[1] if x.ndim == 2 else 0
+    starts = list(range(0, len(x), chunk))
+
+    def one(s: int) -> np.ndarray:
+        lab = labels[s : s + chunk]
+        onehot = sp.csr_matrix((np.ones(len(lab)), (lab, np.arange(len(lab)))), shape=(k, len(lab)))
+        return np.asarray(onehot @ x[s : s + chunk], dtype=np.float64)
+
+    total = np.zeros((k, d), dtype=np.float64)
+    if threads <= 1 or len(starts) <= 1:
+        for s in starts:
+            total += one(s)
+        return total
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        for part in pool.map(one, starts):
+            total += part
+    return total
+
+
+def partial_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 4096,
+                  threads: int = 1) -> Partial:
+    """Assign ``x`` to ``centroids`` and return per-cluster sums and counts (``chunk``: rows per sparse
+    product of :func:`segment_sums`).
 
     Pass quantized points (:func:`quantize`) for sums that are exact whatever the chunking."""
-    k, d = centroids.shape
-    sums = np.zeros((k, d), dtype=np.float64)
-    counts = np.zeros(k, dtype=np.int64)
-    labels, scores = assign(x, centroids, use_gpu)
-    for s in range(0, len(x), chunk):
-        lab = labels[s : s + chunk]
-        order = np.argsort(lab, kind="stable")
-        lab_sorted = lab[order]
-        starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
-        sums[lab_sorted[starts]] += np.add.reduceat(x[s : s + chunk][order], starts, axis=0, dtype=np.float64)
-        counts += np.bincount(lab, minlength=k)
-    qscore = int(np.rint(scores.astype(np.float64) * SCORE_SCALE).astype(np.int64).sum())
-    return Partial(sums, counts, qscore, len(x))
+    k = centroids.shape[0]
+    labels, _ = assign(x, centroids, use_gpu)
+    return Partial(segment_sums(x, labels, k, threads, chunk), np.bincount(labels, minlength=k).astype(np.int64),
+                   len(x))
 
 
 def update(total: Partial, old: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -119,3 +171,49 @@ def init_plusplus(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
         raise ValueError(f"cannot seed {k} centroids from {len(sample)} points")
     centers, _ = kmeans_plusplus(np.asarray(sample, dtype=np.float32), n_clusters=k, random_state=seed)
     return normalize(centers)
+
+
+def init_random(points: np.ndarray, k: int) -> np.ndarray:
+    """FAISS's seeding: ``k`` sample points as the first centroids (the caller picks them by a seeded
+    hash, so the choice does not depend on the sharding). Costs O(k·d), whatever k."""
+    if len(points) < k:
+        raise ValueError(f"cannot seed {k} centroids from {len(points)} points")
+    return normalize(points[:k])
+
+
+# The fit sample: a point is in it when a seeded 64-bit hash of its id is below a threshold, so the
+# sample is one set of documents whatever the block order or the number of shards.
+HASH_RANGE = 2**64
+
+
+def id_hashes(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded 64-bit hash per document id (an object array of str), as uint64."""
+    import pandas as pd
+
+    key = f"{seed & 0xFFFFFFFFFFFF:016x}"[-16:]
+    return pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False).astype(np.uint64)
+
+
+def remix(h: np.ndarray, seed: int) -> np.ndarray:
+    """Another seeded order of the same points (splitmix64 of hash ^ seed): the seeding of each redo."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(h, dtype=np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) % HASH_RANGE)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_size(n: int, k: int, max_points_per_centroid: int) -> int:
+    """Points the fit keeps: ``k·max_points_per_centroid`` (FAISS's cap), or every point when fewer."""
+    return min(n, k * max_points_per_centroid)
+
+
+def read_threshold(n: int, m: int) -> int:
+    """The hash under which (inclusive) a shard keeps a point while reading, for a sample of ``m`` of
+    ``n`` points: a little above m/n of the hash range (six standard deviations and 64 points), so
+    that at least ``m`` points are kept but for a one-in-a-billion draw; the driver then cuts the
+    union to exactly the ``m`` smallest hashes."""
+    want = m + 6.0 * float(np.sqrt(m)) + 64
+    if m >= n or want >= n:
+        return HASH_RANGE - 1
+    return int(want / n * HASH_RANGE)
