@@ -52,9 +52,7 @@ class ShardActor:
     k-means calls. It never holds more than its part of the sample plus one block."""
 
     def __init__(self, use_gpu: bool, threads: int = 1) -> None:
-        import faiss
-
-        faiss.omp_set_num_threads(threads)  # FAISS's search and the sums use the actor's CPUs, no more
+        kmeans.set_threads(threads)  # the products and the sums use the actor's CPUs, no more
         self.use_gpu, self.threads = use_gpu, threads
         self.h = np.empty(0, dtype=np.uint64)
         self.x = np.empty((0, 0), dtype=np.float32)
@@ -131,9 +129,7 @@ class Assigner:
     quantised them."""
 
     def __init__(self, centroids: np.ndarray, use_gpu: bool = False, threads: int = 1) -> None:
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
+        kmeans.set_threads(threads)
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.use_gpu = use_gpu
 
