@@ -1,12 +1,14 @@
 """Spherical k-means math, apart from any engine: assignment with FAISS, sums, the update.
 
-The distributed fit (``cluster.py``) calls :func:`partial_stats` on every shard and
-:func:`update` on the reduced sums, so the math is tested here on tiny arrays.
+The distributed fit (:mod:`clustermix.kmeans_dist`) calls :func:`partial_stats` on every shard and
+:func:`update` on the reduced sums, so the math is tested here on tiny arrays; the fit sample's
+hashes and thresholds (:func:`id_hashes`, :func:`read_threshold`) are plain functions too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,37 +57,65 @@ def _top2(xs: np.ndarray, c: np.ndarray, index: object | None) -> tuple[np.ndarr
     return i1, s1, i2, sims[rows, i2]
 
 
+def _label_block(xs: np.ndarray, c: np.ndarray, index: object | None, exact_scores: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (int32) and scores (float32) of one block of rows: see :func:`assign`."""
+    k, d = c.shape
+    top = _top2(xs, c, index)
+    lab, sc = top[0].astype(np.int32), top[1].astype(np.float32)
+    if k > 1:
+        near = np.flatnonzero(top[1] - top[3] < 2.0 * d * 2.0**-24)
+        if len(near):
+            first, second = top[0][near], top[2][near]
+            s0, s1 = rowdot(xs[near], c[first]), rowdot(xs[near], c[second])
+            pick_second = (s1 > s0) | ((s1 == s0) & (second < first))
+            lab[near] = np.where(pick_second, second, first)
+            sc[near] = np.where(pick_second, s1, s0)
+    if exact_scores:
+        sc = rowdot(xs, c[lab]).astype(np.float32)
+    return lab, sc
+
+
+def _blocks(n: int, k: int, chunk: int) -> list[range]:
+    """Row blocks of at most ``chunk`` rows (and a rows × k float32 block of at most 64 MiB)."""
+    step = max(256, min(chunk, 2**24 // max(k, 1)))
+    return [range(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _run(work: Any, groups: list[Any]) -> list[Any]:
+    """``work`` over ``groups``, on one thread per group when there are several."""
+    if len(groups) <= 1:
+        return [work(g) for g in groups]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        return list(pool.map(work, groups))
+
+
 def assign(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 65536,
-           exact_scores: bool = False) -> tuple[np.ndarray, np.ndarray]:
+           exact_scores: bool = False, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by cosine (inner product of unit vectors): labels int32, scores float32.
 
     Float32 products of a row differ in the last bits with the batch's size and the row's place in
     it, so where the two best centroids are closer than that rounding can tell apart (below d·2^-24
     each, for unit vectors) they are rescored in float64: a label does not depend on how the points
     were batched or sharded. ``exact_scores``: every score from :func:`rowdot` too (what the
-    ``assignments`` table stores)."""
+    ``assignments`` table stores). ``threads``: blocks of rows run on that many threads (numpy and
+    BLAS release the GIL; see :func:`set_threads`)."""
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    k, d = c.shape
     index = make_index(c, use_gpu) if use_gpu else None
-    tie_gap = 2.0 * d * 2.0**-24
-    step = max(256, min(chunk, 2**24 // max(k, 1)))  # a (rows × k) float32 block of at most 64 MiB
     labels = np.empty(len(x), dtype=np.int32)
     scores = np.empty(len(x), dtype=np.float32)
-    for s in range(0, len(x), step):
-        xs = np.ascontiguousarray(x[s : s + step], dtype=np.float32)
-        top = _top2(xs, c, index)
-        lab, sc = top[0].astype(np.int32), top[1].astype(np.float32)
-        if k > 1:
-            near = np.flatnonzero(top[1] - top[3] < tie_gap)
-            if len(near):
-                first, second = top[0][near], top[2][near]
-                s0, s1 = rowdot(xs[near], c[first]), rowdot(xs[near], c[second])
-                pick_second = (s1 > s0) | ((s1 == s0) & (second < first))
-                lab[near] = np.where(pick_second, second, first)
-                sc[near] = np.where(pick_second, s1, s0)
-        if exact_scores:
-            sc = rowdot(xs, c[lab]).astype(np.float32)
-        labels[s : s + step], scores[s : s + step] = lab, sc
+    if index is None and threads > 1:
+        chunk = min(chunk, max(256, -(-len(x) // (4 * threads))))  # several blocks per thread
+    blocks = _blocks(len(x), len(c), chunk)
+
+    def work(group: list[range]) -> None:
+        for r in group:
+            xs = np.ascontiguousarray(x[r.start : r.stop], dtype=np.float32)
+            labels[r.start : r.stop], scores[r.start : r.stop] = _label_block(xs, c, index, exact_scores)
+
+    n_workers = threads if index is None else 1
+    _run(work, [blocks[i::n_workers] for i in range(min(n_workers, len(blocks)))])
     return labels, scores
 
 
@@ -121,48 +151,65 @@ class Partial:
         return Partial(self.sums + other.sums, self.counts + other.counts, self.n + other.n)
 
 
-def segment_sums(x: np.ndarray, labels: np.ndarray, k: int, threads: int = 1, chunk: int = 4096) -> np.ndarray:
-    """Per-cluster sums of the rows of ``x`` (``labels`` in [0, k)) as a (k, d) float64 array.
+def add_segment_sums(out: np.ndarray, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``out[c] += Σ x[labels == c]`` in float64 (exact for quantized points: see :func:`quantize`),
+    and the counts per label: one pass of scipy's CSR kernel with the block's one-hot label matrix
+    (rows sorted by label), written straight into ``out``."""
+    from scipy.sparse import _sparsetools  # the kernel behind csr_matrix @ dense, without its copies
 
-    Each chunk of rows is multiplied by its sparse one-hot label matrix (scipy's CSR kernel, which
-    releases the GIL, so ``threads`` chunks run at once); the chunks' sums are then added. For
-    quantized points (:func:`quantize`) every partial sum is an exact float64, so the result is the
-    same bits whatever the chunking, thread count or sharding."""
-    import scipy.sparse as sp
+    k, d = out.shape
+    counts = np.bincount(labels, minlength=k)
+    indptr = np.concatenate(([0], np.cumsum(counts)))
+    order = np.argsort(labels, kind="stable")
+    xs = np.ascontiguousarray(x, dtype=np.float64)
+    _sparsetools.csr_matvecs(k, len(xs), d, indptr, order, np.ones(len(xs)), xs.ravel(), out.ravel())
+    return counts
 
-    x = np.asarray(x)
-    labels = np.asarray(labels)
-    d = x.shape[1] if x.ndim == 2 else 0
+
+def segment_sums(x: np.ndarray, labels: np.ndarray, k: int, threads: int = 1, chunk: int = 2048) -> np.ndarray:
+    """Per-cluster sums of the rows of ``x`` (``labels`` in [0, k)) as a (k, d) float64 array: the same
+    bits whatever the chunking, thread count or sharding, for quantized points."""
+    d = x.shape[1]
     starts = list(range(0, len(x), chunk))
 
-    def one(s: int) -> np.ndarray:
-        lab = labels[s : s + chunk]
-        onehot = sp.csr_matrix((np.ones(len(lab)), (lab, np.arange(len(lab)))), shape=(k, len(lab)))
-        return np.asarray(onehot @ x[s : s + chunk], dtype=np.float64)
+    def work(group: list[int]) -> np.ndarray:
+        out = np.zeros((k, d), dtype=np.float64)
+        for s in group:
+            add_segment_sums(out, x[s : s + chunk], labels[s : s + chunk])
+        return out
 
     total = np.zeros((k, d), dtype=np.float64)
-    if threads <= 1 or len(starts) <= 1:
-        for s in starts:
-            total += one(s)
-        return total
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(threads) as pool:
-        for part in pool.map(one, starts):
-            total += part
+    for part in _run(work, [starts[i::threads] for i in range(min(threads, len(starts)))]):
+        total += part
     return total
 
 
-def partial_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 4096,
+def partial_stats(x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False, chunk: int = 2048,
                   threads: int = 1) -> Partial:
-    """Assign ``x`` to ``centroids`` and return per-cluster sums and counts (``chunk``: rows per sparse
-    product of :func:`segment_sums`).
+    """Assign ``x`` to ``centroids`` and return per-cluster sums and counts: one pass over ``x`` in
+    blocks of ``chunk`` rows, each labelled (:func:`assign`'s rule) and summed while it is in cache,
+    the blocks dealt to ``threads`` threads with a sum of their own.
 
     Pass quantized points (:func:`quantize`) for sums that are exact whatever the chunking."""
-    k = centroids.shape[0]
-    labels, _ = assign(x, centroids, use_gpu)
-    return Partial(segment_sums(x, labels, k, threads, chunk), np.bincount(labels, minlength=k).astype(np.int64),
-                   len(x))
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    k, d = c.shape
+    index = make_index(c, use_gpu) if use_gpu else None
+    blocks = _blocks(len(x), k, chunk)
+    n_workers = threads if index is None else 1
+
+    def work(group: list[range]) -> tuple[np.ndarray, np.ndarray]:
+        sums, counts = np.zeros((k, d), dtype=np.float64), np.zeros(k, dtype=np.int64)
+        for r in group:
+            xs = np.ascontiguousarray(x[r.start : r.stop], dtype=np.float32)
+            labels, _ = _label_block(xs, c, index, False)
+            counts += add_segment_sums(sums, xs, labels)
+        return sums, counts
+
+    sums, counts = np.zeros((k, d), dtype=np.float64), np.zeros(k, dtype=np.int64)
+    for s_, c_ in _run(work, [blocks[i::n_workers] for i in range(min(n_workers, len(blocks)))]):
+        sums += s_
+        counts += c_
+    return Partial(sums, counts, len(x))
 
 
 def update(total: Partial, old: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -241,9 +288,11 @@ def read_threshold(n: int, m: int) -> int:
 
 
 def set_threads(threads: int) -> None:
-    """Threads of this process's BLAS (the products of :func:`assign`) and of FAISS."""
+    """Run this process's k-means work on ``threads`` threads: FAISS's (a GPU index, k-means++), and
+    :func:`assign`'s and :func:`segment_sums`' blocks on Python threads, each with a one-thread BLAS
+    (one BLAS of many threads per block would oversubscribe the CPUs)."""
     import faiss
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 
     faiss.omp_set_num_threads(threads)
-    threadpool_limits(limits=threads, user_api="blas")
+    threadpool_limits(limits=1, user_api="blas")

@@ -114,11 +114,11 @@ class ShardActor:
         return {"rows": len(self.x), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def assignment_table(ids: Any, x: np.ndarray, centroids: np.ndarray, use_gpu: bool) -> Any:
+def assignment_table(ids: Any, x: np.ndarray, centroids: np.ndarray, use_gpu: bool, threads: int = 1) -> Any:
     """(id, cluster_id, score) of unit vectors ``x`` (already quantised) against ``centroids``."""
     import pyarrow as pa
 
-    labels, scores = kmeans.assign(x, centroids, use_gpu, exact_scores=True)
+    labels, scores = kmeans.assign(x, centroids, use_gpu, exact_scores=True, threads=threads)
     return pa.table({"id": ids, "cluster_id": pa.array(labels, type=pa.int32()),
                      "score": pa.array(scores, type=pa.float32())})
 
@@ -131,13 +131,13 @@ class Assigner:
     def __init__(self, centroids: np.ndarray, use_gpu: bool = False, threads: int = 1) -> None:
         kmeans.set_threads(threads)
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        self.use_gpu = use_gpu
+        self.use_gpu, self.threads = use_gpu, threads
 
     def __call__(self, batch: Any) -> Any:
         emb = batch.column("embedding").combine_chunks()
         d = self.centroids.shape[1]
         x = kmeans.quantize(np.asarray(emb.flatten(), dtype=np.float32).reshape(-1, d))
-        return assignment_table(batch.column("id"), x, self.centroids, self.use_gpu)
+        return assignment_table(batch.column("id"), x, self.centroids, self.use_gpu, self.threads)
 
 
 class PartWriter(Assigner):
