@@ -60,7 +60,9 @@ def faiss_fit(x: np.ndarray, k: int, niter: int, seed: int, threads: int) -> tup
     return dt / niter, float(scores.mean()), labels
 
 
-def dataset(x: np.ndarray, ids: list[str] | None = None, blocks: int = 16) -> Any:
+def dataset(x: np.ndarray, ids: list[str] | None = None, block_rows: int = 8192) -> Any:
+    """(id, embedding) in blocks of ``block_rows``, as the cluster stage reads a table's files: a block
+    does not grow with n."""
     import pyarrow as pa
     import ray
 
@@ -68,8 +70,7 @@ def dataset(x: np.ndarray, ids: list[str] | None = None, blocks: int = 16) -> An
     offsets = pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32))
     ids = ids or [str(i) for i in range(len(x))]
     t = pa.table({"id": ids, "embedding": pa.ListArray.from_arrays(offsets, flat)})
-    step = -(-len(x) // blocks)
-    return ray.data.from_arrow([t.slice(s, step) for s in range(0, len(x), step)])
+    return ray.data.from_arrow([t.slice(s, block_rows) for s in range(0, len(x), block_rows)])
 
 
 def ours(ds: Any, n: int, cfg: ClusterConfig, assign_to: Path | None = None) -> Any:
@@ -148,7 +149,7 @@ def on_lake(root: str, tmp: Path, threads: int) -> dict[str, Any]:
     x, ids, labels = lake_embeddings(root)
     k = 20
     _, f_obj, f_lab = faiss_fit(x, k, 50, 1, threads)
-    res = ours(dataset(x, ids, 4), len(x), ClusterConfig(k=k, niter=50, seed=1, num_shards=2, cpus_per_shard=0.5),
+    res = ours(dataset(x, ids), len(x), ClusterConfig(k=k, niter=50, seed=1, num_shards=2, cpus_per_shard=0.5),
                tmp / "asg")
     t = pq.read_table(tmp / "asg").to_pandas().set_index("id").loc[ids]
     sk = KMeans(k, n_init=1, random_state=1).fit_predict(x)
