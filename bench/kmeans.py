@@ -6,9 +6,10 @@ In one process, every figure as a ratio against a baseline measured in the same 
     and of clustermix's fit on the same points with the same T threads in all (one shard actor of
     T threads; T shard actors of one thread), the sample cap lifted so that both fit every point;
     for each n in --n. Quality (final mean cosine) of both is printed next to it;
-  * memory: the peak RSS of the shard actors for each n in --rss-n, with the sample capped by
-    ``cluster.max_points_per_centroid`` (flat in n) and, as the baseline, with the cap lifted (every
-    point resident, as before the cap existed);
+  * memory: the shard actors' peak private memory (RssAnon, sampled after every block) and peak
+    RSS (which also counts the pages of Ray's shared object store they have read blocks from) for
+    each n in --rss-n, with the sample capped by ``cluster.max_points_per_centroid`` (flat in n) and,
+    as the baseline, with the cap lifted (every point resident, as before the cap existed);
   * with --lake (a lake after `make run`): quality on the default corpus's real embeddings and the
     NMI of the clusters against the corpus's topic labels, next to faiss's and sklearn KMeans's.
 
@@ -117,17 +118,23 @@ def memory(ns: list[int], args: argparse.Namespace) -> dict[str, Any]:
                                 max_points_per_centroid=cap, block_rows=args.block_rows)
             res = ours(ds, n, cfg)
             row[label] = {"n_fitted": res.n_fitted, "peak_rows": max(c.peak_rows for c in res.loads),
+                          "actor_peak_private_mb": max([c.peak_private_bytes for c in res.loads]
+                                                       + [u["private_bytes"] for u in res.usage]) / 2**20,
                           "actor_peak_rss_mb": max(u["max_rss_bytes"] for u in res.usage) / 2**20}
         rows[str(n)] = row
         c, u = row["capped"], row["uncapped"]
-        print(f"n={n:,}: actor peak RSS capped {c['actor_peak_rss_mb']:.0f} MiB ({c['n_fitted']:,} fitted, "
-              f"peak {c['peak_rows']:,} rows held)  uncapped {u['actor_peak_rss_mb']:.0f} MiB ({u['n_fitted']:,} "
-              f"fitted); ratio uncapped/capped {u['actor_peak_rss_mb'] / c['actor_peak_rss_mb']:.2f}", flush=True)
+        print(f"n={n:,}: actor peak private memory capped {c['actor_peak_private_mb']:.0f} MiB ({c['n_fitted']:,} "
+              f"fitted, peak {c['peak_rows']:,} rows held)  uncapped {u['actor_peak_private_mb']:.0f} MiB "
+              f"({u['n_fitted']:,} fitted); ratio uncapped/capped "
+              f"{u['actor_peak_private_mb'] / c['actor_peak_private_mb']:.2f}; peak RSS with the object store's "
+              f"shared pages: capped {c['actor_peak_rss_mb']:.0f}, uncapped {u['actor_peak_rss_mb']:.0f} MiB", flush=True)
         del x, ds
     first, last = rows[str(ns[0])], rows[str(ns[-1])]
-    growth = {k: last[k]["actor_peak_rss_mb"] / first[k]["actor_peak_rss_mb"] for k in ("capped", "uncapped")}
-    print(f"actor peak RSS at n={ns[-1]:,} vs n={ns[0]:,} ({ns[-1] / ns[0]:.0f}x the points): capped "
-          f"{growth['capped']:.2f}x, uncapped {growth['uncapped']:.2f}x")
+    growth = {f"{k}_{m}": last[k][f"actor_peak_{m}_mb"] / first[k][f"actor_peak_{m}_mb"]
+              for k in ("capped", "uncapped") for m in ("private", "rss")}
+    print(f"at n={ns[-1]:,} vs n={ns[0]:,} ({ns[-1] / ns[0]:.0f}x the points): actor peak private memory capped "
+          f"{growth['capped_private']:.2f}x, uncapped {growth['uncapped_private']:.2f}x; peak RSS capped "
+          f"{growth['capped_rss']:.2f}x, uncapped {growth['uncapped_rss']:.2f}x")
     return {"rows": rows, "growth_last_vs_first": growth}
 
 

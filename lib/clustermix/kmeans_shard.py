@@ -26,6 +26,21 @@ class LoadCounts:
     kept: int  # points of the fit sample (before the driver's exact cut)
     peak_rows: int  # most points held at once while reading: those kept so far plus the block in hand
     max_block: int  # largest block read
+    peak_private_bytes: int = 0  # most private memory (RssAnon) seen after a block (0: no /proc)
+
+
+def private_bytes() -> int:
+    """This process's private resident memory (Linux RssAnon), without the pages of Ray's shared
+    object store that reading blocks maps in (those count in RSS but belong to the store, whose size
+    is configured). 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class ShardActor:
@@ -45,7 +60,7 @@ class ShardActor:
         import pyarrow as pa
 
         hs, xs = [], []
-        rows = kept = peak = biggest = 0
+        rows = kept = peak = biggest = private = 0
         t = np.uint64(threshold)
         for batch in it.iter_batches(batch_format="pyarrow", batch_size=block_rows):
             rows += batch.num_rows
@@ -62,9 +77,10 @@ class ShardActor:
             hs.append(h[keep])
             xs.append(kmeans.quantize(flat.reshape(len(emb), -1)))
             kept += len(emb)
+            private = max(private, private_bytes())
         if xs:
             self.h, self.x = np.concatenate(hs), np.ascontiguousarray(np.concatenate(xs))
-        return LoadCounts(rows, kept, peak, biggest)
+        return LoadCounts(rows, kept, peak, biggest, max(private, private_bytes()))
 
     def count_at_most(self, t: int) -> int:
         return int((self.h <= np.uint64(t)).sum())
@@ -89,10 +105,12 @@ class ShardActor:
         return kmeans.partial_stats(self.x, centroids, self.use_gpu, threads=self.threads)
 
     def usage(self) -> dict[str, int]:
-        """Points resident and the process's peak resident memory (bytes)."""
+        """Points resident, the private memory now, and the peak RSS (which also counts the object
+        store's shared pages the process has touched), in bytes."""
         import resource
 
-        return {"rows": len(self.x), "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {"rows": len(self.x), "private_bytes": private_bytes(),
+                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def cut_sample(shards: list[Any], m: int, hi: int) -> int:
