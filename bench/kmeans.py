@@ -10,10 +10,12 @@ In one process, every figure as a ratio against a baseline measured in the same 
     RSS (which also counts the pages of Ray's shared object store they have read blocks from) for
     each n in --rss-n, with the sample capped by ``cluster.max_points_per_centroid`` (flat in n) and,
     as the baseline, with the cap lifted (every point resident, as before the cap existed);
+  * with --big-k: k = 20,000 on 4 points per centroid, seeded FAISS's way, vs faiss.Kmeans;
   * with --lake (a lake after `make run`): quality on the default corpus's real embeddings and the
     NMI of the clusters against the corpus's topic labels, next to faiss's and sklearn KMeans's.
 
-    .venv/bin/python bench/kmeans.py --n 200000 1000000 --rss-n 100000 200000 400000 800000
+    .venv/bin/python bench/kmeans.py --n 200000 1000000 --niter 5 --rss-n 100000 200000 400000 800000
+    .venv/bin/python bench/kmeans.py --n --big-k 20000
 """
 
 from __future__ import annotations
@@ -138,6 +140,32 @@ def memory(ns: list[int], args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "growth_last_vs_first": growth}
 
 
+def big_k(k: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A large k on a sample of 4 points per centroid (d=32 so that it runs on a laptop): seconds per
+    iteration vs faiss.Kmeans on the same number of (its own sampled) points and threads."""
+    import faiss
+
+    n, d, mppc = 5 * k, 32, 4
+    x = synthetic(n, d, 500, seed=3)
+    cfg = ClusterConfig(k=k, niter=3, tol=0.0, seed=1, num_shards=args.threads, cpus_per_shard=1,
+                        max_points_per_centroid=mppc)
+    t0 = time.perf_counter()
+    res = ours(dataset(x), n, cfg)
+    total = time.perf_counter() - t0
+    faiss.omp_set_num_threads(args.threads)
+    km = faiss.Kmeans(d, k, niter=3, spherical=True, seed=1, max_points_per_centroid=mppc)
+    t0 = time.perf_counter()
+    km.train(x)
+    f_it = (time.perf_counter() - t0) / 3
+    out = {"k": k, "n": n, "d": d, "n_fitted": res.n_fitted, "ours_s_per_iter": res.fit.seconds_per_iteration,
+           "ours_total_s": total, "faiss_s_per_iter": f_it, "ratio": res.fit.seconds_per_iteration / f_it,
+           "objective": res.fit.objective}
+    print(f"k={k:,} n={n:,} d={d}: fitted {res.n_fitted:,}; s/iter ours ({args.threads} actors x 1 thread) "
+          f"{out['ours_s_per_iter']:.2f}, faiss {f_it:.2f} (ratio {out['ratio']:.2f}); whole fit with reading and "
+          f"seeding {total:.1f} s", flush=True)
+    return out
+
+
 def lake_embeddings(root: str) -> tuple[np.ndarray, list[str], list[str]]:
     """Embeddings of a lake with the docs' domain labels (bench-sized: the default corpus)."""
     from deltalake import DeltaTable
@@ -178,6 +206,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of faiss.Kmeans and, in all, of our actors")
     ap.add_argument("--mppc", type=int, default=256, help="cluster.max_points_per_centroid of the memory runs")
     ap.add_argument("--block-rows", type=int, default=8192, help="cluster.block_rows of the memory runs")
+    ap.add_argument("--big-k", type=int, default=None, help="also fit this k on 5k points, d=32 (e.g. 20000)")
     ap.add_argument("--lake", default=None, help="a lake with embeddings and docs (after `make run`)")
     args = ap.parse_args()
     import tempfile
@@ -192,6 +221,8 @@ def main() -> None:
     if args.rss_n:
         result["memory"] = {"max_points_per_centroid": args.mppc, "block_rows": args.block_rows,
                             **memory(args.rss_n, args)}
+    if args.big_k:
+        result["big_k"] = big_k(args.big_k, args)
     if args.lake:
         with tempfile.TemporaryDirectory() as tmp:
             result["default_corpus"] = on_lake(args.lake, Path(tmp), args.threads)
