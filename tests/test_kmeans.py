@@ -164,13 +164,22 @@ def test_k_greater_than_points_fails_clearly(ray_local):
         distributed_kmeans(_dataset(blobs(20, 8, 2)), ClusterConfig(k=50, num_shards=2, cpus_per_shard=0.25))
 
 
-def test_k_large_relative_to_the_points_works(ray_local):
+def test_k_large_relative_to_the_points_works_seeded_as_faiss_seeds(ray_local):
+    """FAISS's seeding (what ``init: auto`` picks above KMEANSPP_MAX_K), identical across shardings too."""
+    from clustermix.config import KMEANSPP_MAX_K
     from clustermix.kmeans_dist import distributed_kmeans
 
+    assert ClusterConfig(k=KMEANSPP_MAX_K + 1).init_method() == "random"
+    assert ClusterConfig(k=KMEANSPP_MAX_K).init_method() == "kmeans++"
     x = blobs(1500, 16, 40, seed=4)
-    res = distributed_kmeans(_dataset(x), ClusterConfig(k=1000, niter=5, seed=1, num_shards=2, cpus_per_shard=0.25))
+    fits = [distributed_kmeans(_dataset(x), ClusterConfig(k=1000, niter=5, seed=1, num_shards=s, cpus_per_shard=0.25,
+                                                           init="random"))
+            for s in (1, 2)]
+    res = fits[1]
     assert res.n_fitted == 1500 and res.fit.centroids.shape == (1000, 16)
     assert np.allclose(np.linalg.norm(res.fit.centroids, axis=1), 1.0, atol=1e-5)
+    assert res.meta(ClusterConfig(k=1000, init="random"))["init"] == "random"
+    assert np.array_equal(fits[0].fit.centroids, res.fit.centroids)
 
 
 def test_the_fit_does_not_depend_on_how_points_are_sharded(ray_local, points, tmp_path):

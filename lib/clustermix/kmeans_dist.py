@@ -129,17 +129,20 @@ def shard_threads(cfg: ClusterConfig) -> int:
     return max(1, int(cfg.cpus_per_shard))
 
 
-def fit(shards: list[Any], cfg: ClusterConfig, n_fit: int, seed: int) -> Fit:
-    """One Lloyd run over the shards' sample, seeded FAISS's way (``init: random``: k sample points,
-    O(k·d) on the driver whatever k) or by k-means++ on ``init_sample`` points (small k)."""
+def fit(shards: list[Any], cfg: ClusterConfig, n_fit: int, redo: int = 0) -> Fit:
+    """One Lloyd run over the shards' sample (run ``redo`` of ``cfg.nredo``: its seed is
+    ``cfg.seed + 1000·redo``), seeded by :func:`clustermix.config.ClusterConfig.init_method`: k sample
+    points (FAISS's way, O(k·d) on the driver whatever k) or k-means++ on ``init_sample`` points."""
     import ray
 
-    m = cfg.k if cfg.init == "random" else min(cfg.init_sample, n_fit)
-    parts = ray.get([s.smallest.remote(m, seed) for s in shards])  # at most m·shards points
+    seed = cfg.seed + 1000 * redo
+    plusplus = cfg.init_method() == "kmeans++"
+    m = min(cfg.init_sample, n_fit) if plusplus else cfg.k
+    parts = ray.get([s.smallest.remote(m, redo) for s in shards])  # at most m·shards points
     keys = np.concatenate([h for h, _ in parts])
     points = np.concatenate([x for _, x in parts if len(x)])
     first = points[np.argsort(keys, kind="stable")[:m]]
-    centroids = kmeans.init_random(first, cfg.k) if cfg.init == "random" else kmeans.init_plusplus(first, cfg.k, seed)
+    centroids = kmeans.init_plusplus(first, cfg.k, seed) if plusplus else kmeans.init_random(first, cfg.k)
     rng = np.random.default_rng(seed)
     history: list[float] = []
     reseeded = 0
@@ -191,7 +194,7 @@ class KMeansResult:
     def meta(self, cfg: ClusterConfig) -> dict[str, Any]:
         return {"objective_history": [round(v, 6) for v in self.fit.history], "n_points": self.n_points,
                 "n_fitted": self.n_fitted, "sample_fraction": round(self.fraction, 6),
-                "max_points_per_centroid": cfg.max_points_per_centroid, "init": cfg.init,
+                "max_points_per_centroid": cfg.max_points_per_centroid, "init": cfg.init_method(),
                 "objective_all": None if self.objective_all is None else round(self.objective_all, 6),
                 "reseeded": self.fit.reseeded, "nredo": cfg.nredo, "gpu": self.use_gpu, "attempts": self.attempts,
                 "seconds_per_iteration": round(self.fit.seconds_per_iteration, 4),
@@ -260,7 +263,7 @@ def _attempt(ds: Any, cfg: ClusterConfig, n: int, use_gpu: bool) -> KMeansResult
                  n_fit / n_read, cfg.max_points_per_centroid)
         best: Fit | None = None
         for r in range(cfg.nredo):
-            f = fit(shards, cfg, n_fit, cfg.seed + 1000 * r)
+            f = fit(shards, cfg, n_fit, r)
             log.info("k-means run %d/%d: objective %.6f after %d iterations", r + 1, cfg.nredo, f.objective,
                      len(f.history) - 1)
             if best is None or f.objective > best.objective:

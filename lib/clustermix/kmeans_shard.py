@@ -92,10 +92,11 @@ class ShardActor:
             self.h, self.x = self.h[keep], np.ascontiguousarray(self.x[keep])
         return len(self.h)
 
-    def smallest(self, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """This shard's ``m`` points first in the seeded order ``seed`` (and their keys): the union over
-        shards, cut to the ``m`` first, is the same points however they were sharded."""
-        keys = kmeans.remix(self.h, seed)
+    def smallest(self, m: int, redo: int) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's ``m`` points first in the order of run ``redo`` (and their keys): the sample
+        hash itself for the first run, a seeded remix of it for each redo. The union over shards, cut
+        to the ``m`` first, is the same points in the same order however they were sharded."""
+        keys = self.h if redo == 0 else kmeans.remix(self.h, redo)
         take = np.argsort(keys, kind="stable")[:m]
         return keys[take], self.x[take]
 
