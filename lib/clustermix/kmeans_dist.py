@@ -374,10 +374,11 @@ def assign_missing(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int,
     out_dir = lake.staging("assignments", run_id)
     filesystem, out_path = lk.open_fs(out_dir, s3)
     todo = rayread.Filter(ids=ray.put(d.missing), model=model)
-    (ray.data.read_datasource(rayread.files_source(emb_files, list(d.missing_per_file), ["id", "embedding"], 65536,
+    (ray.data.read_datasource(rayread.files_source(emb_files, list(d.missing_per_file), ["id", "embedding"], cfg.block_rows,
                                                    todo, s3))
-     .map_batches(Assigner, fn_constructor_kwargs={"centroids": centroids, "use_gpu": use_gpu},
-                  batch_format="pyarrow", batch_size=65536, concurrency=cfg.num_shards,
+     .map_batches(Assigner, fn_constructor_kwargs={"centroids": centroids, "use_gpu": use_gpu,
+                                                  "threads": shard_threads(cfg)},
+                  batch_format="pyarrow", batch_size=cfg.block_rows, concurrency=cfg.num_shards,
                   num_cpus=shard_cpus(cfg), num_gpus=1 if use_gpu else None, max_task_retries=3)
      .write_parquet(out_path, filesystem=filesystem))
     return AssignPass(out_dir, n, d.stale)
