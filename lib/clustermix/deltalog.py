@@ -99,3 +99,34 @@ def file_counts(uri: str, at_version: int | None = None) -> tuple[list[str], lis
         if len(paths) == len(files) and all(f.endswith("/" + p) for f, p in zip(files, paths, strict=True)):
             return files, list(counts)
     return files, [None] * len(files)
+
+
+def rows_where(uri: str, at_version: int | None, column: str, value: str, s3: S3Settings | None = None) -> int:
+    """Rows of one version whose string ``column`` equals ``value``: from the log's per-file min/max
+    where they decide it (a file of one value), else by reading that one column of the file."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    from clustermix import lake as lk
+
+    dt = DeltaTable(uri, version=at_version, storage_options=storage_options(uri))
+    files = dt.file_uris()
+    adds = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
+    if len(adds) != len(files) or not all(f.endswith("/" + a["path"]) for f, a in zip(files, adds, strict=True)):
+        adds = [{} for _ in files]  # no statistics to trust: read the column of every file
+    total = 0
+    for uri_f, add in zip(files, adds, strict=True):
+        lo, hi, rows = add.get(f"min.{column}"), add.get(f"max.{column}"), add.get("num_records")
+        if rows is not None and lo is not None and lo == hi and not add.get(f"null_count.{column}"):
+            if lo == value:
+                total += int(rows)
+                continue
+            if not value.startswith(lo):  # a truncated statistic is a prefix: read the file then
+                continue
+        filesystem, path = lk.open_fs(uri_f, s3)
+        with filesystem.open_input_file(path) as fh:
+            col = pq.read_table(fh, columns=[column]).column(column)
+        total += int(pc.sum(pc.equal(col, value)).as_py() or 0)
+    return total

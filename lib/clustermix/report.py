@@ -380,6 +380,16 @@ def _levels(run: _Run, cfg: dict[str, Any], sample: dict[str, Any], blend: dict[
     }
 
 
+def _kmeans_fit(run: _Run) -> dict[str, Any]:
+    """How much of the corpus the k-means fit saw (the rest was assigned, not fitted): from the counts of
+    the cluster stage, or of a refresh that refitted."""
+    counts = run.stage("cluster").get("counts") or {}
+    if "n_fitted" not in counts:
+        counts = (run.stage("assign").get("counts") or {}).get("refit") or {}
+    keys = ("n_points", "n_fitted", "sample_fraction", "max_points_per_centroid")
+    return {"available": "n_fitted" in counts, **{k: counts.get(k) for k in keys}}
+
+
 def _search(run: _Run) -> dict[str, Any]:
     dt = run.table("mixtures")
     if dt is None:
@@ -467,6 +477,7 @@ def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
         "accounting": _accounting(run),
         "dedup": _dedup(run, cfg),
         "clusters": clusters,
+        "kmeans_fit": _kmeans_fit(run),
         "under_represented": {
             "below_threshold": [r["cluster_id"] for r in clusters["rows"] if r["below_threshold"]],
             "at_clip": [r["cluster_id"] for r in clusters["rows"] if r["at_clip"]],

@@ -179,8 +179,12 @@ def _clusters(rep: dict[str, Any], figs: dict[str, str]) -> str:
                      _pct(r["sample_share"]), _pct(r["blend_weight"]), _top_domains(r["domains"]),
                      _n(r["score_mean"], 3), _n(r["quality_mean"], 3), escape(flags),
                      f'<span class="snip">{escape(snip)}</span>'])
+    fit = rep.get("kmeans_fit") or {}
+    fitted = (f"<p>k-means was fitted on {_n(fit['n_fitted'])} of {_n(fit['n_points'])} documents "
+              f"({_pct(fit['sample_fraction'])}; at most {_n(fit['max_points_per_centroid'])} per centroid); "
+              "every document was then assigned to its nearest centroid.</p>") if fit.get("available") else ""
     # K rows can run to hundreds on a cluster: folded, so the figures below stay in view
-    return (_img(figs, "cluster_sizes", "cluster shares before and after sampling")
+    return (fitted + _img(figs, "cluster_sizes", "cluster shares before and after sampling")
             + f"<details><summary>Every cluster: size, draws, weight, domains, exemplar ({len(rows)} rows)</summary>"
             + _table(["cluster", "docs", "share", "draws", "sample share", "blend weight", "top domains",
                       "cohesion", "quality", "flags", "exemplar"], rows, (1, 2, 3, 4, 5, 7, 8)) + "</details>")
