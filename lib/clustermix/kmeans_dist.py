@@ -239,7 +239,7 @@ def distributed_kmeans(ds: Any, cfg: ClusterConfig, assign_dir: str | None = Non
 def _attempt(ds: Any, cfg: ClusterConfig, n: int, use_gpu: bool) -> KMeansResult:
     import ray
 
-    actor_cls = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=shard_cpus(cfg), max_restarts=0)(ShardActor)
+    actor_cls: Any = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=shard_cpus(cfg), max_restarts=0)(ShardActor)
     shards: list[Any] = [actor_cls.remote(use_gpu, shard_threads(cfg)) for _ in range(cfg.num_shards)]
     try:
         target = kmeans.sample_size(n, cfg.k, cfg.max_points_per_centroid)

@@ -50,8 +50,8 @@ class ShardActor:
     def __init__(self, use_gpu: bool, threads: int = 1) -> None:
         kmeans.set_threads(threads)  # the products and the sums use the actor's CPUs, no more
         self.use_gpu, self.threads = use_gpu, threads
-        self.h = np.empty(0, dtype=np.uint64)
-        self.x = np.empty((0, 0), dtype=np.float32)
+        self.h: np.ndarray = np.empty(0, dtype=np.uint64)
+        self.x: np.ndarray = np.empty((0, 0), dtype=np.float32)
         self.steps = 0
 
     def load(self, it: Any, seed: int, threshold: int, block_rows: int) -> LoadCounts:
