@@ -20,8 +20,8 @@ when it ends, also on failure or Ctrl-C.
 ``--set`` overrides go into the config the jobs get (``<workdir>/cluster.yaml``, made from
 ``conf/cluster.yaml`` with this machine's sizes). For an ``s3://`` lake, the S3 endpoint and
 credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), which every
-node inherits. It prints one JSON line at the end: the commands run, the processes started and the
-wall time.
+node inherits. It prints one JSON line at the end: the commands run, the processes started (and
+any node restarted because its raylet could not bind a port), and the wall time.
 """
 
 from __future__ import annotations
@@ -134,10 +134,20 @@ def start_ray(procs: Processes, tmp: Path, env: dict[str, str]) -> dict[str, Any
     wait_for("the Ray head's job server", lambda: urllib.request.urlopen(f"{url}/api/version", timeout=2).status == 200)
     host = _gcs_host(tmp / "ray")
     for i in (1, 2):  # one after the other: two raylets registering at once time out on a busy machine
-        procs.start(f"ray-worker-{i}", [
-            str(BIN / "ray"), "start", "--address", f"{host}:{gcs}", "--num-cpus", "1",
-            "--resources", json.dumps({f"rehearsal_worker_{i}": 1}), *node_ports(), *common], env)
-        wait_for(f"Ray worker node {i}", lambda n=i + 1: _alive_nodes(url) == n, timeout=300)
+        for attempt in range(1, 4):
+            # a port that was free when picked can be taken before the raylet binds it (other processes
+            # of a busy machine): a node whose raylet died that way is started again, on fresh ports
+            proc = procs.start(f"ray-worker-{i}" + (f"-retry{attempt - 1}" if attempt > 1 else ""), [
+                str(BIN / "ray"), "start", "--address", f"{host}:{gcs}", "--num-cpus", "1",
+                "--resources", json.dumps({f"rehearsal_worker_{i}": 1}), *node_ports(), *common], env)
+            wait_for(f"Ray worker node {i}", lambda n=i + 1, p=proc: _alive_nodes(url) == n or p.poll() is not None,
+                     timeout=300)
+            if proc.poll() is None:
+                break
+            log(f"Ray worker node {i} exited with {proc.returncode} while starting (attempt {attempt}); "
+                "see its log")
+        else:
+            raise SystemExit(f"rehearse: Ray worker node {i} did not start in 3 attempts")
     return {"address": f"{host}:{gcs}", "dashboard": url}
 
 
@@ -294,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(tmp / "ray" / "session_latest" / "logs", work / "logs" / "ray", dirs_exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({"lake": lake, "seconds": round(time.time() - t_start, 1), "commands": commands,
-                      "processes": started}))
+                      "processes": list(dict.fromkeys(n.split("-retry")[0] for n in started)),
+                      "restarted": [n for n in started if "-retry" in n]}))
     return 0
 
 

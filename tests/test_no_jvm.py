@@ -1,5 +1,5 @@
-"""The Ray stages run where there is no Java: embed, cluster, assign and search in a process that cannot
-reach a JVM commit their tables with delta-rs, with the metadata that makes a rerun skip them, and the Spark
+"""The Ray stages run where there is no Java: embed, cluster, assign, dedup and search in a process that
+cannot reach a JVM commit their tables with delta-rs, with the metadata that makes a rerun skip them, and the Spark
 stages read those tables as before."""
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def test_embed_cluster_and_assign_run_without_a_jvm(tmp_path: Path, spark: Any, 
     assert {r["cluster_id"] for r in assignments} <= set(range(cfg.cluster.k))
     assert tableio.read(spark, lake, "centroids").count() == cfg.cluster.k
 
-    # the search too: its pools drawn by Ray Data, its proxies Ray tasks, its mixtures committed by delta-rs
+    # the dedup and the search too: the search's pools drawn by Ray Data, its proxies Ray tasks, its mixtures
+    # committed by delta-rs
     target = tmp_path / "target.jsonl"
     target.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in records[40:44]))
     searching = tmp_path / "search.yaml"
@@ -80,6 +81,8 @@ def test_embed_cluster_and_assign_run_without_a_jvm(tmp_path: Path, spark: Any, 
         "target_path": str(target), "iterations": [2, 1], "candidates": 50, "top_fraction": 0.5, "proxy_tokens": 3000,
         "vocab_size": 256, "proxy_d_model": 16, "proxy_layers": 1, "proxy_heads": 2, "proxy_context": 16,
         "proxy_batch_size": 8, "target_max_tokens": 1000, "seed": 3}}))
+    dedup = _cli(env, config, "dedup")["stages"]["dedup"]  # off by default: an empty table, by delta-rs
+    assert dedup["status"] == "ran" and deltalog.num_records(lake.table("semantic_duplicates")) == 0
     searched = _cli(env, searching, "search")["stages"]["search"]
     assert searched["status"] == "ran" and searched["counts"]["target_texts"] == 4
     assert searched["counts"]["proxies_trained"] == 1 + 2 + 1  # the uniform baseline, then 2 and 1
