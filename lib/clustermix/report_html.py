@@ -184,10 +184,10 @@ def _clusters(rep: dict[str, Any], figs: dict[str, str]) -> str:
               f"({_pct(fit['sample_fraction'])}; at most {_n(fit['max_points_per_centroid'])} per centroid); "
               "every document was then assigned to its nearest centroid.</p>") if fit.get("available") else ""
     # K rows can run to hundreds on a cluster: folded, so the figures below stay in view
-    return (fitted + _img(figs, "cluster_sizes", "cluster shares before and after sampling")
+    return (_img(figs, "cluster_sizes", "cluster shares before and after sampling")
             + f"<details><summary>Every cluster: size, draws, weight, domains, exemplar ({len(rows)} rows)</summary>"
             + _table(["cluster", "docs", "share", "draws", "sample share", "blend weight", "top domains",
-                      "cohesion", "quality", "flags", "exemplar"], rows, (1, 2, 3, 4, 5, 7, 8)) + "</details>")
+                      "cohesion", "quality", "flags", "exemplar"], rows, (1, 2, 3, 4, 5, 7, 8)) + "</details>" + fitted)
 
 
 def _under(rep: dict[str, Any]) -> str:

@@ -39,7 +39,10 @@ def cluster_stats(docs: DataFrame, assignments: DataFrame, centroids: DataFrame,
     )
     hist = (
         joined.groupBy("cluster_id", F.coalesce("domain", F.lit(NO_DOMAIN)).alias("d")).count()
-        .groupBy("cluster_id").agg(F.map_from_entries(F.collect_list(F.struct("d", "count"))).alias("domains"))
+        # sorted by domain: collect_list's order is the shuffle's, so the same counts would be stored
+        # in a different order by another run or cluster
+        .groupBy("cluster_id").agg(F.map_from_entries(F.array_sort(F.collect_list(F.struct("d", "count"))))
+                                   .alias("domains"))
     )
     w = Window.partitionBy("cluster_id").orderBy(F.col("score").desc(), F.col("id"))
     ex = (
