@@ -265,7 +265,7 @@ def chromium_screenshot(html: Path, workdir: Path) -> tuple[np.ndarray, str]:
     png = workdir / "screenshot.png"
     cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={workdir / 'profile'}", f"--screenshot={png}", "--window-size=1200,3000",
+           f"--user-data-dir={workdir / 'profile'}", f"--screenshot={png}", "--window-size=1200,4000",
            "--enable-logging=stderr", "--v=0", html.resolve().as_uri()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, f"chromium exited {proc.returncode}:\n{proc.stderr[-3000:]}"
@@ -408,7 +408,9 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
     _, _, _, html, _ = written
     rgb, log = chromium_screenshot(html, tmp_path)
     assert page_errors(log) == [], "\n".join(page_errors(log))
-    assert rgb.shape[:2] == (3000, 1200)
+    # tall enough for the four plots above the blend's, whatever the sections above them hold (the
+    # accounting, duplicates and k-means fit lines grew the page past 3000 px)
+    assert rgb.shape[:2] == (4000, 1200)
     # not a blank page: plenty of ink and the many colours of antialiased text and plots
     assert (rgb.min(axis=2) < 235).mean() > 0.04
     assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 500
