@@ -11,14 +11,16 @@ own, none of them with Java on its PATH) and a Spark standalone cluster (a maste
 
 and, with ``--new-file``, two nightly refreshes against the same clusters (``STAGES=refresh
 deploy/spark-submit.sh ... --set ray.address=<head>:<port>`` from a Ray node: the first adopts the lake,
-the second takes one new input file). Every process it starts is stopped
-when it ends, also on failure or Ctrl-C.
+the second takes one new input file). ``--lake`` may be given more than once: the same clusters then
+run the README's steps for each lake in turn (each with a config of its own), and the nightly
+refreshes for the last one. Every process it starts is stopped when it ends, also on failure or Ctrl-C.
 
-    .venv/bin/python deploy/rehearse.py --workdir /tmp/rehearsal --input data/ [--lake s3://b/lake]
+    .venv/bin/python deploy/rehearse.py --workdir /tmp/rehearsal --input data/ [--lake s3://b/lake ...]
         [--new-file extra.jsonl] [--set KEY=VALUE ...]
 
-``--set`` overrides go into the config the jobs get (``<workdir>/cluster.yaml``, made from
-``conf/cluster.yaml`` with this machine's sizes). For an ``s3://`` lake, the S3 endpoint and
+``--set`` overrides go into the config the jobs get (``<workdir>/cluster.yaml``, or
+``cluster-<n>.yaml`` for the n-th of several lakes, made from ``conf/cluster.yaml`` with this
+machine's sizes). For an ``s3://`` lake, the S3 endpoint and
 credentials come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), which every
 node inherits. It prints one JSON line at the end: the commands run, the processes started (and
 any node restarted because its raylet could not bind a port), and the wall time.
@@ -70,6 +72,14 @@ class Processes:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append((name, proc))
         return proc
+
+    def stop_last(self) -> None:
+        """Stop what the last started process left (a node that failed to start leaves daemons)."""
+        _, proc = self.started[-1]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            time.sleep(2)
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -126,12 +136,24 @@ def start_ray(procs: Processes, tmp: Path, env: dict[str, str]) -> dict[str, Any
                 "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
 
     common = ["--num-gpus", "0", "--disable-usage-stats", "--block"]
-    procs.start("ray-head", [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
-                             "--num-cpus", "1", "--resources", '{"rehearsal_head": 1}',
-                             "--temp-dir", str(tmp / "ray"), *node_ports(), *common], env)
-    url = f"http://127.0.0.1:{dash}"
-    wait_for("the Ray head's job server", lambda: urllib.request.urlopen(f"{url}/api/version", timeout=2).status == 200)
+    # the dashboard gives each of its modules 30 s to start, which a busy machine can miss
+    env = {"RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180", **env}
+    for attempt in range(1, 4):
+        head = procs.start("ray-head" + (f"-retry{attempt - 1}" if attempt > 1 else ""), [
+            str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()), "--num-cpus", "1",
+            "--resources", '{"rehearsal_head": 1}', "--temp-dir", str(tmp / "ray"), *node_ports(), *common], env)
+        url = f"http://127.0.0.1:{dash}"
+        wait_for("the Ray head's job server", lambda p=head, u=url: p.poll() is not None or
+                 urllib.request.urlopen(f"{u}/api/version", timeout=2).status == 200, timeout=300)
+        if head.poll() is None:
+            break
+        # a port taken before the head bound it, or a dashboard module that missed its start-up time
+        log(f"the Ray head exited with {head.returncode} while starting (attempt {attempt}); see its log")
+        procs.stop_last()
+        gcs, dash = free_port(), free_port()
+    else:
+        raise SystemExit("rehearse: the Ray head did not start in 3 attempts")
     host = _gcs_host(tmp / "ray")
     for i in (1, 2):  # one after the other: two raylets registering at once time out on a busy machine
         for attempt in range(1, 4):
@@ -146,6 +168,7 @@ def start_ray(procs: Processes, tmp: Path, env: dict[str, str]) -> dict[str, Any
                 break
             log(f"Ray worker node {i} exited with {proc.returncode} while starting (attempt {attempt}); "
                 "see its log")
+            procs.stop_last()
         else:
             raise SystemExit(f"rehearse: Ray worker node {i} did not start in 3 attempts")
     return {"address": f"{host}:{gcs}", "dashboard": url}
@@ -254,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, required=True, help="configs and logs (the lake too, unless --lake)")
     ap.add_argument("--input", required=True, help="the input folder (JSONL or Parquet files)")
     ap.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
-    ap.add_argument("--lake", help="the lake root (default <workdir>/lake); s3://... for an S3 lake")
+    ap.add_argument("--lake", dest="lakes", action="append", default=[],
+                    help="the lake root (default <workdir>/lake); s3://... for an S3 lake; repeat it to rehearse "
+                         "several lakes on the same clusters (the nightly runs on the last)")
     ap.add_argument("--new-file", type=Path, help="a file to add to the input before the second refresh")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
@@ -262,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     work = args.workdir.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    lake = args.lake or str(work / "lake")
-    cfg = rehearsal_config(work / "cluster.yaml", lake, args.input, args.format, args.overrides)
+    lakes = args.lakes or [str(work / "lake")]
+    cfgs = [rehearsal_config(work / ("cluster.yaml" if len(lakes) == 1 else f"cluster-{n}.yaml"), lake, args.input,
+                             args.format, args.overrides) for n, lake in enumerate(lakes, 1)]
     # Ray's socket paths must stay short (108 bytes): its temp folder is not under a long workdir
     tmp = Path(tempfile.mkdtemp(prefix="cmr-", dir="/tmp"))
     base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SPARK_HOME", "PYSPARK_PYTHON")}
@@ -278,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"Ray cluster at {ray_info['dashboard']} (3 nodes), Spark standalone at {master} (2 workers)")
         env = {**base, "PATH": os.pathsep.join([str(BIN), base.get("PATH", "")]), "SPARK_MASTER": master,
                "RAY_ADDRESS": ray_info["dashboard"], "SPARK_SUBMIT": str(BIN / "spark-submit"), "RAY": str(BIN / "ray")}
-        c = ["--config", str(cfg)]
         check_java_free(ray_info["dashboard"], env, commands)
-        run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "ingest"}, commands,
-            f"STAGES=ingest deploy/spark-submit.sh --config {cfg}")
-        run(["bash", "deploy/ray-job.sh", *c], env, commands, f"deploy/ray-job.sh --config {cfg}")
-        run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "stats sample blend"}, commands,
-            f'STAGES="stats sample blend" deploy/spark-submit.sh --config {cfg}')
+        for cfg in cfgs:
+            c = ["--config", str(cfg)]
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "ingest"}, commands,
+                f"STAGES=ingest deploy/spark-submit.sh --config {cfg}")
+            run(["bash", "deploy/ray-job.sh", *c], env, commands, f"deploy/ray-job.sh --config {cfg}")
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "stats sample blend"}, commands,
+                f'STAGES="stats sample blend" deploy/spark-submit.sh --config {cfg}')
+        cfg = cfgs[-1]
         if args.new_file:
             # the refresh drives both engines from one driver: Spark's, submitted like the Spark stages,
             # on a machine that is a node of the Ray cluster (here the head's), connected to the head's
@@ -303,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             shutil.copytree(tmp / "ray" / "session_latest" / "logs", work / "logs" / "ray", dirs_exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({"lake": lake, "seconds": round(time.time() - t_start, 1), "commands": commands,
+    print(json.dumps({"lakes": lakes, "seconds": round(time.time() - t_start, 1), "commands": commands,
                       "processes": list(dict.fromkeys(n.split("-retry")[0] for n in started)),
                       "restarted": [n for n in started if "-retry" in n]}))
     return 0

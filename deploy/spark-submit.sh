@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Submit the Spark stages to a Spark cluster, one spark-submit each, in order.
+# Submit the Spark stages to a Spark cluster as one spark-submit that runs them in order (one driver,
+# one set of executors and jars for all of them; a stage never runs after a failed one).
 #   SPARK_MASTER=k8s://https://<api-server>:6443 deploy/spark-submit.sh [--config conf/cluster.yaml] [--set KEY=VALUE ...]
-# Arguments go to every job unchanged; with none, --config conf/cluster.yaml.
-# STAGES picks the stages (default: ingest stats sample blend). On a fresh lake, stats needs the
-# Ray stages' output first: STAGES=ingest, then deploy/ray-job.sh, then STAGES="stats sample blend".
+# Arguments go to the job unchanged; with none, --config conf/cluster.yaml.
+# STAGES picks the stages (default: ingest stats sample blend), or STAGES=refresh for the nightly
+# refresh. On a fresh lake, stats needs the Ray stages' output first: STAGES=ingest, then
+# deploy/ray-job.sh, then STAGES="stats sample blend".
 # The driver runs here (client mode): this machine needs the project installed (make setup) with the
 # same Python minor version as the executors' image (3.11), and executors must reach it over the network.
 # SPARK_SUBMIT_EXTRA: more spark-submit options, split on spaces (namespace, executors, --packages...).
@@ -34,9 +36,17 @@ esac
 # shellcheck disable=SC2206  # word splitting of SPARK_SUBMIT_EXTRA is intended
 opts+=(${SPARK_SUBMIT_EXTRA:-})
 
-for stage in $STAGES; do
+read -r -a stages <<< "$STAGES"
+[ ${#stages[@]} -gt 0 ] || { echo "spark-submit.sh: STAGES is empty" >&2; exit 2; }
+for stage in "${stages[@]}"; do
   [ -f "jobs/$stage.py" ] || { echo "spark-submit.sh: no job jobs/$stage.py" >&2; exit 2; }
 done
-for stage in $STAGES; do
-  "$SPARK_SUBMIT" "${opts[@]}" "jobs/$stage.py" "${args[@]}"
-done
+if [ ${#stages[@]} -eq 1 ]; then
+  "$SPARK_SUBMIT" "${opts[@]}" "jobs/${stages[0]}.py" "${args[@]}"
+else
+  # refresh is a command of its own, not a stage to chain
+  for stage in "${stages[@]}"; do
+    [ "$stage" != refresh ] || { echo "spark-submit.sh: STAGES=refresh runs alone" >&2; exit 2; }
+  done
+  "$SPARK_SUBMIT" "${opts[@]}" jobs/pipeline.py --stages "$(IFS=,; echo "${stages[*]}")" "${args[@]}"
+fi

@@ -1,4 +1,5 @@
-"""Job entry point: every stage in order. Usage: python jobs/pipeline.py --config conf/cluster.yaml"""
+"""Job entry point: every stage in order, or those of ``--stages a,b,c``.
+Usage: python jobs/pipeline.py [--stages stats,sample,blend] --config conf/cluster.yaml"""
 
 from _entry import main
 

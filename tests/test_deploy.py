@@ -45,7 +45,11 @@ def test_shipped_configs_are_valid(name):
 def test_kuberay_manifest_parses_and_runs_the_jobs():
     doc = yaml.safe_load((ROOT / "deploy" / "kuberay-rayjob.yaml").read_text())
     assert doc["kind"] == "RayJob" and doc["apiVersion"].startswith("ray.io/")
-    assert "jobs/embed.py" in doc["spec"]["entrypoint"] and "jobs/cluster.py" in doc["spec"]["entrypoint"]
+    from clustermix.cli import build_parser
+
+    entry = doc["spec"]["entrypoint"].split("python ", 1)[1].split()
+    assert entry[0] == "jobs/pipeline.py" and (ROOT / entry[0]).exists()
+    assert build_parser().parse_args(["run", *entry[1:]]).stages == ("embed", "cluster", "dedup")
 
 
 def test_airflow_dag_and_jobs_compile():
@@ -141,3 +145,14 @@ def test_an_s3_session_without_hadoop_aws_pom_fails_at_once_naming_the_fix(tmp_p
                         "sample": {"budget": 1}, "spark": {"maven_repo": str(repo)}})
     with pytest.raises(ClustermixError, match=rf"hadoop-aws-{re.escape(hv)}\.pom not found; run `make setup`"):
         spark_session(cfg)
+
+
+def test_run_stages_takes_registry_stages_in_pipeline_order(capsys):
+    """The cluster scripts submit one job for several stages: ``clustermix run --stages a,b,c``."""
+    from clustermix.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--stages", "blend,stats sample"])
+    assert args.stages == ("stats", "sample", "blend")
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["run", "--stages", "stats,bogus"])
+    assert exc.value.code == 2 and "bogus: not a stage" in capsys.readouterr().err

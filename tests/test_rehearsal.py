@@ -1,8 +1,9 @@
 """The cluster deployment rehearsed: ``deploy/rehearse.py`` starts a real Ray cluster (a head and two
 worker nodes, no Java on their PATH) and a real Spark standalone cluster (a master and two workers),
-submits the stages with the README's commands, runs the nightly refresh against the same clusters,
-and the lake it leaves equals the one local mode leaves on the same input and config: the same
-docs, the same assignments, the same ``blended`` ids in the same positions.
+submits the stages with the README's commands, once with the lake on ``s3://`` and once on a local
+folder (the same clusters for both), runs the nightly refresh against them, and each lake equals the
+one local mode leaves on the same input and config: the same docs, the same assignments, the same
+``blended`` ids in the same positions.
 
 Local mode runs in this process (the suite's Spark and Ray); the rehearsal in a subprocess that
 starts and stops its own clusters.
@@ -11,7 +12,6 @@ starts and stops its own clusters.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -80,23 +80,41 @@ def _rehearsal_config(work: Path, lake: str, input_dir: Path) -> Path:
     return rehearse.rehearsal_config(work / "cluster.yaml", lake, str(input_dir), "jsonl", [])
 
 
-def _rehearse(work: Path, corpus: dict[str, Path], lake: str | None, env: dict[str, str], *,
-              nightly: bool) -> dict[str, Any]:
-    input_dir = work / "input"
-    shutil.copytree(corpus["input"], input_dir)
-    cmd = [sys.executable, str(ROOT / "deploy" / "rehearse.py"), "--workdir", str(work / "rehearsal"),
-           "--input", str(input_dir)] + (["--new-file", str(corpus["new"])] if nightly else []) \
-        + (["--lake", lake] if lake else [])
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400, check=False)
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory, corpus: dict[str, Path]) -> Any:
+    """One rehearsal, one pair of clusters, two lakes: the README's steps with the lake on S3 (a
+    local S3 server), then with the lake on a local folder followed by the two nightly refreshes
+    (the new file lands in the shared input folder, so the S3 lake goes first). On S3 the refresh
+    runs the same code, which tests/test_s3.py runs against an S3 lake in local mode."""
+    work = tmp_path_factory.mktemp("rehearsal")
+    server = MotoServer(work / "moto.log")
+    try:
+        env = env_for(server.endpoint)
+        subprocess.run([sys.executable, "-c", f"import boto3; boto3.client('s3', endpoint_url='{server.endpoint}')"
+                        f".create_bucket(Bucket='{BUCKET}')"], env=env, check=True, timeout=60)
+        input_dir = work / "input"
+        shutil.copytree(corpus["input"], input_dir)
+        lakes = [f"s3://{BUCKET}/lake", str(work / "lake")]
+        cmd = [sys.executable, str(ROOT / "deploy" / "rehearse.py"), "--workdir", str(work / "rehearsal"),
+               "--input", str(input_dir), "--new-file", str(corpus["new"])] + [a for lk in lakes for a in ("--lake", lk)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400, check=False)
+        yield {"proc": proc, "lakes": lakes, "env": env}
+    finally:
+        server.stop()
+
+
+def _summary(rehearsal: dict[str, Any]) -> dict[str, Any]:
+    proc = rehearsal["proc"]
     assert proc.returncode == 0, proc.stderr[-6000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    # the README's commands, verbatim, in the README's order
+    steps = ["STAGES=ingest deploy/spark-submit.sh", "deploy/ray-job.sh", 'STAGES="stats sample blend" deploy/spark-submit.sh']
+    # the README's commands, verbatim, in the README's order: for each lake, then the nightly twice
     assert [c.split(" --config")[0] for c in summary["commands"]] == [
-        "ray job submit -- python -c <no java on the PATH of a Ray job>",
-        "STAGES=ingest deploy/spark-submit.sh", "deploy/ray-job.sh", 'STAGES="stats sample blend" deploy/spark-submit.sh',
-        *(["STAGES=refresh deploy/spark-submit.sh"] * 2 if nightly else [])]
+        "ray job submit -- python -c <no java on the PATH of a Ray job>", *steps, *steps,
+        *["STAGES=refresh deploy/spark-submit.sh"] * 2]
     assert summary["processes"] == ["ray-head", "ray-worker-1", "ray-worker-2", "spark-master", "spark-worker-1",
                                     "spark-worker-2"]
+    assert summary["lakes"] == rehearsal["lakes"]
     return summary
 
 
@@ -124,29 +142,19 @@ def assert_same_lake(got: str, want: str) -> None:
     assert max(float(np.abs(emb[0][i] - emb[1][i]).max()) for i in emb[1]) < 1e-4
 
 
-def test_rehearsal_on_a_local_lake_equals_local_mode(tmp_path: Path, corpus: dict[str, Path],
-                                                     local_lakes: dict[str, str]) -> None:
+def test_rehearsal_on_a_local_lake_equals_local_mode(rehearsal: dict[str, Any], local_lakes: dict[str, str]) -> None:
     """The README's steps, then the two nightly refreshes: the lake equals local mode's after the same."""
-    summary = _rehearse(tmp_path, corpus, None, dict(os.environ), nightly=True)
+    lake = _summary(rehearsal)["lakes"][1]
     want = local_lakes["refreshed"]
-    assert_same_lake(summary["lake"], want)
-    assert deltalog.num_records(f"{summary['lake']}/docs") == deltalog.num_records(f"{want}/docs") > \
+    assert_same_lake(lake, want)
+    assert deltalog.num_records(f"{lake}/docs") == deltalog.num_records(f"{want}/docs") > \
         deltalog.num_records(f"{local_lakes['run']}/docs")  # the new file's documents came in
 
 
-def test_rehearsal_on_an_s3_lake_equals_local_mode(tmp_path: Path, corpus: dict[str, Path], local_lakes: dict[str, str],
+def test_rehearsal_on_an_s3_lake_equals_local_mode(rehearsal: dict[str, Any], local_lakes: dict[str, str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's steps with the lake on S3. The nightly refresh is rehearsed once, on the local
-    lake: on S3 it runs the same code, which tests/test_s3.py runs against an S3 lake in local mode."""
-    server = MotoServer(tmp_path / "moto.log")
-    try:
-        env = env_for(server.endpoint)
-        subprocess.run([sys.executable, "-c", f"import boto3; boto3.client('s3', endpoint_url='{server.endpoint}')"
-                        f".create_bucket(Bucket='{BUCKET}')"], env=env, check=True, timeout=60)
-        lake = f"s3://{BUCKET}/lake"
-        summary = _rehearse(tmp_path, corpus, lake, env, nightly=False)
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
-            monkeypatch.setenv(key, env[key])  # this process reads the S3 lake back
-        assert_same_lake(summary["lake"], local_lakes["run"])
-    finally:
-        server.stop()
+    """The README's steps with the lake on S3: the lake equals local mode's after ``run``."""
+    lake = _summary(rehearsal)["lakes"][0]
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(key, rehearsal["env"][key])  # this process reads the S3 lake back
+    assert_same_lake(lake, local_lakes["run"])

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run ingest, embed, cluster, stats, sample, search (when search.target_path "
                                    "or search.target_domain is set) and blend in order.")
     _common(p)
+    p.add_argument("--stages", default=None, metavar="STAGE,...", type=_stage_list,
+                   help="only these stages, in pipeline order (comma- or space-separated; the cluster scripts "
+                        "submit one job for several stages this way)")
     p = sub.add_parser(
         "refresh", help="nightly: ingest only new input files, assign them to the existing clusters, remix",
         description="Take only the input files that are new or changed since the last refresh, embed the new "
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from clustermix.registry import engines_of
         from clustermix.runtime import check_engines
 
-        check_engines(cfg, engines_of(_stages(args.command, cfg)))  # before the run's log is opened
+        check_engines(cfg, engines_of(_stages(args.command, cfg, getattr(args, "stages", None))))  # before the run's log is opened
     except USER_ERRORS as exc:
         print(f"clustermix: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -176,13 +179,27 @@ def _run_command(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
-def _stages(command: str, cfg: Any) -> tuple[str, ...]:
-    """The stages a command may run."""
+def _stage_list(value: str) -> tuple[str, ...]:
+    """``run --stages``: names of the registry's stages, returned in pipeline order."""
+    from clustermix.registry import ORDER
+
+    names = value.replace(",", " ").split()
+    unknown = [n for n in names if n not in ORDER]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) + ': not a stage' if unknown else 'no stage named'} "
+                                         f"(the stages: {', '.join(ORDER)})")
+    return tuple(n for n in ORDER if n in names)
+
+
+def _stages(command: str, cfg: Any, chosen: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The stages a command may run (``chosen``: ``run --stages``)."""
     from clustermix.registry import default_stages
 
     if command == "refresh":
         return (*default_stages(cfg), "assign")
-    return default_stages(cfg) if command == "run" else (command,)
+    if command != "run":
+        return (command,)
+    return default_stages(cfg) if chosen is None else chosen
 
 
 def _run(args: argparse.Namespace, cfg: Any, run_id: str) -> Any:
@@ -192,7 +209,7 @@ def _run(args: argparse.Namespace, cfg: Any, run_id: str) -> Any:
         from clustermix.refresh import run_refresh
 
         return run_refresh(cfg, recluster=args.recluster, run_id=run_id)
-    return run_stages(cfg, _stages(args.command, cfg), run_id=run_id)
+    return run_stages(cfg, _stages(args.command, cfg, getattr(args, "stages", None)), run_id=run_id)
 
 
 def _report_commands(args: argparse.Namespace, lake_root: str) -> int:
