@@ -290,7 +290,7 @@ def run_embed(lake: Lake, ecfg: EmbedConfig, docs_version: int, run_id: str, wri
 
     name = model_id(ecfg.model)
     uri = lake.table("embeddings")
-    s3 = storage.settings() if storage.is_s3(uri) else None  # handed to the workers explicitly
+    s3 = storage.settings_for(uri)  # handed to the workers explicitly
     phase = _Phases()
     exists = deltalog.version(uri) is not None
     todo, stale = None, None

@@ -307,7 +307,7 @@ def run_cluster(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, ru
     from clustermix import storage
 
     uri = lake.table("assignments")
-    s3 = storage.settings() if storage.is_s3(uri) else None
+    s3 = storage.settings_for(uri)
     emb_uri = lake.table("embeddings")
     files = deltalog.file_uris(emb_uri, emb_version)
     if not files:
@@ -362,7 +362,7 @@ def assign_missing(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int,
 
     from clustermix import storage
 
-    s3 = storage.settings() if storage.is_s3(lake.root) else None
+    s3 = storage.settings_for(lake.root)
     emb_files, emb_rows = deltalog.file_counts(lake.table("embeddings"), emb_version)
     d = iddiff.diff(iddiff.IdSide(emb_files, emb_rows, model),
                     iddiff.IdSide(*deltalog.file_counts(lake.table("assignments"))), s3)

@@ -189,7 +189,7 @@ def run_semantic(lake: Lake, cfg: Config, inputs: dict[str, Any], run_id: str, w
 
     scfg = cfg.dedup.semantic
     uri = lake.table(TABLE)
-    s3 = storage.settings() if storage.is_s3(uri) else None
+    s3 = storage.settings_for(uri)
     staging = lake.staging(TABLE, run_id)
     n = deltalog.num_records(lake.table("embeddings"), inputs["embeddings"])
     n_buckets = max(1, math.ceil(n / ROWS_PER_BUCKET))

@@ -81,6 +81,12 @@ def settings(given: StorageConfig | None = None) -> S3Settings:
                       spark_credentials_provider=cfg.spark_credentials_provider or DEFAULT_SPARK_CREDENTIALS)
 
 
+def settings_for(uri: str) -> S3Settings | None:
+    """The process's S3 settings when ``uri`` is on S3, else None: what the driver hands its Ray
+    workers explicitly, as they never ran :func:`configure`."""
+    return settings() if is_s3(uri) else None
+
+
 def is_s3(uri: str | None) -> bool:
     return bool(uri) and str(uri).startswith(S3_SCHEMES)
 

@@ -99,7 +99,7 @@ def run_search(lake: Lake, cfg: Config, inputs: dict[str, int], run_id: str, wri
     check_target(scfg)
     clip = scfg.clip or cfg.sample.clip
     pool_tokens = scfg.pool_tokens_per_cluster or scfg.proxy_tokens
-    s3 = storage.settings() if storage.is_s3(lake.root) else None  # handed to the Ray workers explicitly
+    s3 = storage.settings_for(lake.root)  # handed to the Ray workers explicitly
     cents = deltars.read_small(lake.table("centroids"), inputs.get("centroids"), ["cluster_id", "centroid"])
     cents = cents.take(np.argsort(cents.column("cluster_id").to_numpy()))  # K rows
     cluster_ids = cents.column("cluster_id").to_numpy().astype(np.int64)
