@@ -136,3 +136,25 @@ def test_maintain_config_is_validated():
         load_config(None, ["maintain.retention_hours=-1"])
     with pytest.raises(ConfigError, match=r"maintain\.target_file_bytes"):
         load_config(None, ["maintain.target_file_bytes=10"])
+
+
+def test_maintenance_commits_leave_a_stage_current(tmp_path):
+    """On a bare delta-rs table: after a compaction and a vacuum (three commits) the stage's metadata
+    is still the last commit's, and the data version is still the stage's."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from clustermix import deltalog
+    from clustermix.deltars import commit_properties
+
+    uri = str(tmp_path / "t")
+    for i in range(3):
+        write_deltalake(uri, pa.table({"id": [str(i)]}), mode="append",
+                        commit_properties=commit_properties({"fingerprint": f"fp{i}"}))
+    assert deltalog.data_version(uri) == 2 and deltalog.is_current([uri], "fp2")
+    DeltaTable(uri).optimize.compact(commit_properties=commit_properties({"maintain": True}))
+    DeltaTable(uri).vacuum(retention_hours=0, dry_run=False, enforce_retention_duration=False)
+    assert deltalog.version(uri) == 5  # OPTIMIZE, VACUUM START, VACUUM END
+    assert deltalog.data_version(uri) == 2 and deltalog.is_current([uri], "fp2")
+    assert deltalog.last_commit_meta(uri) == {"fingerprint": "fp2"}
+    assert sorted(DeltaTable(uri).to_pyarrow_table().column("id").to_pylist()) == ["0", "1", "2"]

@@ -38,7 +38,7 @@ MAINTENANCE_OPS = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END"})
 def _data_commit(dt: Any) -> tuple[int, dict[str, Any]] | None:
     """The version and history entry of the latest commit of an open ``DeltaTable`` that changed its
     data (anything but :data:`MAINTENANCE_OPS`); None when the history has no such commit."""
-    latest, limit = dt.version(), 8
+    latest, limit = dt.version(), 1  # the latest commit, in the common case: one read of the log
     while True:
         hist = dt.history(limit)  # newest first
         for i, entry in enumerate(hist):
@@ -46,7 +46,7 @@ def _data_commit(dt: Any) -> tuple[int, dict[str, Any]] | None:
                 return int(entry.get("version", latest - i)), entry
         if len(hist) < limit:
             return None
-        limit *= 4
+        limit *= 8
 
 
 def data_version(uri: str) -> int | None:
