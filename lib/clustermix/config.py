@@ -112,6 +112,9 @@ class EmbedConfig(_Section):
     max_seq_length: int | None = Field(None, ge=8)
     long_docs: Literal["truncate", "chunk"] = "truncate"
     precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # rows per Parquet file of `embeddings`: the actors' small output blocks are gathered into files of
+    # this many rows (~100 MB of 384-d float32 vectors at the default) instead of one file per block
+    rows_per_file: int = Field(65_536, ge=1)
 
     def batch_size_for(self, device: str) -> int:
         """The explicit ``batch_size``, else the default for ``device``: 32 on CPU, 256 on CUDA."""
