@@ -34,10 +34,13 @@ def test_embeddings_match_bare_sentence_transformers_and_only_missing_ones_are_e
         tmp_path, spark, ray_local, texts):
     src = tmp_path / "in.jsonl"
     _write(src, texts[:12])
-    cfg = make_config(tmp_path / "lake", str(src))
+    # 2 texts per forward pass: the actors' output comes in blocks of 8 rows (4 passes per call)
+    cfg = make_config(tmp_path / "lake", str(src), embed={"batch_size": 2})
     run = run_stages(cfg, ("ingest", "embed"), spark=spark)
     first = run.manifest["stages"]["embed"]["counts"]
     assert first["embedded"] == 12 and first["docs_per_s"] > 0
+    # gathered into one file (embed.rows_per_file), not one small file per block
+    assert len(deltalog.file_uris(run.lake.table("embeddings"))) == 1
     assert set(first["phases_s"]) == {"todo", "ray_data", "commit"}
 
     emb = {r["id"]: np.array(r["embedding"], dtype=np.float32)

@@ -299,6 +299,27 @@ def test_page_error_filter_catches_a_broken_page(tmp_path):
     assert rgb.shape[1] == 1200
 
 
+def test_exemplar_snippets_come_from_cluster_stats(tiny_lake):
+    """With ``exemplar_snippets`` stored (as the stats stage writes them), the report shows those and
+    does not look in docs: here they differ from docs' text, and one exemplar is not in docs at all."""
+    import pyarrow as pa
+
+    stats = _stats_table().append_column(
+        "exemplar_snippets", pa.array([["stored d0", "stored d1"], ["stored rare"]], pa.list_(pa.string())))
+    stats = stats.set_column(stats.schema.get_field_index("exemplar_ids"), "exemplar_ids",
+                             pa.array([["gone", "d1"], ["rare"]], pa.list_(pa.string())))
+    from deltalake import write_deltalake
+
+    # version 1 (the manifest is made to pin it), with the new column
+    write_deltalake(str(tiny_lake / "cluster_stats"), stats, mode="overwrite", schema_mode="overwrite")
+    manifest = _manifest("20260101T000000Z-aaaaaa")
+    manifest["tables"]["cluster_stats"] = 1
+    (tiny_lake / "runs" / "20260101T000000Z-aaaaaa" / "manifest.json").write_text(json.dumps(manifest))
+    rows = build_report(str(tiny_lake), "20260101T000000Z-aaaaaa")["clusters"]["rows"]
+    assert rows[0]["exemplars"] == [{"id": "gone", "snippet": "stored d0"}]  # the first only, as before
+    assert rows[1]["exemplars"] == [{"id": "rare", "snippet": "stored rare"}]  # all of a cluster below
+
+
 # --- the report of the shared end-to-end run ----------------------------------------------------
 
 
@@ -356,6 +377,24 @@ def test_report_figures_agree_with_the_manifest_and_tables(written):
     assert rep["tables"] == m["tables"] and rep["code_version"]["run"] == m["clustermix_version"]
     assert {"cluster_sizes", "domain_shares", "draws_per_doc", "blend_weights", "quality",
             "stage_times"} <= set(rep["figures"])
+
+
+@pytest.mark.slow
+def test_the_stats_stage_stores_the_snippets_the_report_shows(written):
+    from deltalake import DeltaTable
+
+    from clustermix.stats import EXEMPLAR_CHARS
+
+    _, run, rep, _, stats = written
+    stored = {i: snip for s in stats for i, snip in zip(s["exemplar_ids"] or [], s["exemplar_snippets"] or [],
+                                                        strict=True)}
+    assert stored and all(stored.values())
+    shown = [x for r in rep["clusters"]["rows"] for x in r["exemplars"]]
+    assert shown and all(x["snippet"] == stored[x["id"]] for x in shown)
+    # what stats stored is the documents' first characters
+    docs = DeltaTable(run.lake.table("docs")).to_pyarrow_table(columns=["id", "text"]).to_pylist()
+    text = {d["id"]: d["text"] for d in docs if d["id"] in stored}
+    assert {i: t[:EXEMPLAR_CHARS] for i, t in text.items()} == stored
 
 
 @pytest.mark.slow

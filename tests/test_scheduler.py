@@ -137,7 +137,8 @@ def test_airflow_loads_the_dag_as_the_readme_says(airflow_venv, tmp_path):
     assert (dag["cron"], dag["timezone"]) == ("0 2 * * *", "UTC")
     assert (dag["catchup"], dag["max_active_runs"], dag["retries"]) == (False, 1, 2)
     tasks = dag["tasks"]
-    assert [(t["task_id"], t["downstream"]) for t in tasks] == [("refresh", ["report"]), ("report", [])]
+    assert [(t["task_id"], t["downstream"]) for t in tasks] == [("refresh", ["report"]), ("report", ["maintain"]),
+                                                                ("maintain", [])]
     assert {t["operator"] for t in tasks} == {"BashOperator"}
     assert [t["bash_command"] for t in tasks] == _readme_commands()["deploy/airflow"]
     # where it runs by default: the checkout the cron entry names too
@@ -150,9 +151,11 @@ def test_the_cron_entry_runs_the_readme_command():
     inner = re.search(r"sh -c '([^']*)'", command)
     assert inner, command
     # with CLUSTERMIX_CONFIG unset, the job runs exactly the README's command
-    setup, refresh = inner[1].replace('"${CLUSTERMIX_CONFIG:-conf/nightly.yaml}"', "conf/nightly.yaml").split(" && ")
+    setup, *steps = inner[1].replace('"${CLUSTERMIX_CONFIG:-conf/nightly.yaml}"', "conf/nightly.yaml").split(" && ")
     assert setup == "make setup"
-    assert [refresh] == _readme_commands()["deploy/cron"]
+    # the refresh, then table upkeep (only after a refresh that succeeded)
+    assert steps == _readme_commands()["deploy/cron"]
+    assert [s.split()[1] for s in steps] == ["refresh", "maintain"]
 
 
 def test_make_setup_is_a_fast_noop_on_an_installed_checkout():
@@ -231,11 +234,19 @@ def test_the_cron_job_runs_a_refresh_then_one_that_writes_nothing(nightly):
     (run,) = _runs(lake)
     assert (run["mode"], run["outcome"], run["files_taken"]) == ("bootstrap", "succeeded", 1)
 
+    assert "compaction / vacuum" in log  # maintain's per-table summary, after the refresh
+
     rc, log = _run_cron_job(config)
     assert rc == 0, log[-4000:]
     second = _table_versions(lake)
+    # the first night's maintain compacted what there was: nothing else to do but the new runs row
     assert {t: v for t, v in second.items() if t != "runs"} == {t: v for t, v in first.items() if t != "runs"}
-    assert second["runs"] == first["runs"] + 1
+    from deltalake import DeltaTable
+
+    from clustermix.deltalog import data_version
+
+    assert data_version(str(lake / "runs")) == first["runs"] + 1  # one row appended, then compacted
+    assert len(DeltaTable(str(lake / "runs")).file_uris()) == 1
     last = _runs(lake)[-1]
     assert (last["mode"], last["outcome"], last["files_taken"]) == ("refresh", "succeeded", 0)
     assert json.loads(last["versions_written"]) == {}
@@ -252,7 +263,7 @@ def test_airflow_runs_the_dag(airflow_venv, nightly, tmp_path):
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout + proc.stderr
     assert "state=success" in out, out[-4000:]
-    assert "[DAG TEST] end task task_id=refresh" in out and "[DAG TEST] end task task_id=report" in out
+    assert all(f"[DAG TEST] end task task_id={t}" in out for t in ("refresh", "report", "maintain"))
     runs = _runs(lake)
     assert len(runs) == runs_before + 1 and runs[-1]["outcome"] == "succeeded"
     assert (lake / "runs" / runs[-1]["run_id"] / "report.html").is_file()

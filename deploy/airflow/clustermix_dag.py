@@ -1,4 +1,5 @@
-"""Airflow DAG: the clustermix nightly refresh at 02:00, then the run's report.
+"""Airflow DAG: the clustermix nightly refresh at 02:00, then the run's report, then table upkeep
+(`clustermix maintain`: compaction of small files and vacuum, under the lake's run lock).
 
 Copy this file into the Airflow dags folder of an Airflow installed from deploy/airflow/requirements.txt
 (its own environment, not the project's .venv); set CLUSTERMIX_HOME, where Airflow parses and runs the
@@ -43,4 +44,9 @@ with DAG(
         bash_command=f".venv/bin/clustermix report --config {CONFIG}",
         cwd=CLUSTERMIX_HOME,
     )
-    refresh >> report
+    maintain = BashOperator(
+        task_id="maintain",
+        bash_command=f".venv/bin/clustermix maintain --config {CONFIG}",
+        cwd=CLUSTERMIX_HOME,
+    )
+    refresh >> report >> maintain

@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", dest="report_run", default=None, metavar="RUN_ID", help="the run (default: newest)")
     p = sub.add_parser("runs", help="list the runs recorded under the lake root")
     _common(p)
+    p = sub.add_parser(
+        "maintain", help="compact small files and vacuum old ones in every table of the lake (delta-rs)",
+        description="Table upkeep, under the lake's run lock (never while a run writes): in every Delta table "
+                    "of the lake, merge files smaller than maintain.target_file_bytes into files of about that "
+                    "size (a commit that changes no row: every stage stays current; `blended` keeps its files, "
+                    "which are its training order), then delete the files that versions older than "
+                    "maintain.retention_hours stopped using, and files no commit names older than that. The "
+                    "latest version of every table stays readable; older versions that needed deleted files do "
+                    "not. Prints per table the files and bytes before and after.")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="write nothing: show which small files would be merged and which files deleted")
     p = sub.add_parser("show-config", help="print the validated config as YAML")
     _common(p)
     p = sub.add_parser("spark-packages", help="print the Maven packages a spark-submit of this config needs",
@@ -130,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("report", "runs"):
             return _report_commands(args, cfg.lake.root)
+        if args.command == "maintain":
+            return _maintain(args, cfg)
         from clustermix.registry import engines_of
         from clustermix.runtime import check_engines
 
@@ -226,6 +240,18 @@ def _report_commands(args: argparse.Namespace, lake_root: str) -> int:
         drift = f"  drift: {r['decision']}" if r.get("decision") else ""
         print(f"{r['run_id']}  {r.get('mode', 'run'):<9} {r.get('outcome') or '?':<10} started {r.get('started_at')}  "
               f"blended v{r.get('blended_version')}  report {'yes' if r.get('has_report') else 'no'}{drift}")
+    return 0
+
+
+def _maintain(args: argparse.Namespace, cfg: Any) -> int:
+    from clustermix.maintain import run_maintain, summary_lines
+    from clustermix.pipeline import new_run_id
+
+    recs = run_maintain(cfg, args.run_id or new_run_id(), dry_run=args.dry_run)
+    if not recs:
+        print(f"no Delta tables under {cfg.lake.root}")
+    else:
+        print("\n".join(summary_lines(recs, args.dry_run)))
     return 0
 
 

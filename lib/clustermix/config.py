@@ -112,6 +112,9 @@ class EmbedConfig(_Section):
     max_seq_length: int | None = Field(None, ge=8)
     long_docs: Literal["truncate", "chunk"] = "truncate"
     precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # rows per Parquet file of `embeddings`: the actors' small output blocks are gathered into files of
+    # this many rows (~100 MB of 384-d float32 vectors at the default) instead of one file per block
+    rows_per_file: int = Field(65_536, ge=1)
 
     def batch_size_for(self, device: str) -> int:
         """The explicit ``batch_size``, else the default for ``device``: 32 on CPU, 256 on CUDA."""
@@ -333,6 +336,16 @@ class SemanticDedupConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0)  # > 0: the actors search on a GPU (faiss-gpu)
 
 
+class MaintainConfig(_Section):
+    """``clustermix maintain``: compaction of small files and vacuum of files no version needs."""
+
+    # files of a table smaller than this are merged into files of about this size (delta-rs optimize)
+    target_file_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+    # files a version older than this stopped using are deleted (and files no commit names, older than
+    # this); versions that needed them can no longer be read (time travel, older runs' reports)
+    retention_hours: int = Field(168, ge=0)
+
+
 class DedupConfig(_Section):
     near: NearDedupConfig = NearDedupConfig()
     semantic: SemanticDedupConfig = SemanticDedupConfig()
@@ -353,6 +366,7 @@ class Config(_Section):
     search: SearchConfig = SearchConfig()
     refresh: RefreshConfig = RefreshConfig()
     dedup: DedupConfig = DedupConfig()
+    maintain: MaintainConfig = MaintainConfig()
 
     def section_hash(self, *names: str) -> str:
         """A stable hash of some sections, used to tell whether a stage's output is current."""

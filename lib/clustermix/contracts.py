@@ -41,7 +41,8 @@ CONTRACTS: dict[str, dict[str, str]] = {
     "assignments": {"id": "string", "cluster_id": "int", "score": "float"},
     "cluster_stats": {
         "cluster_id": "int", "n_docs": "bigint", "n_tokens": "bigint", "share": "double",
-        "token_share": "double", "below_threshold": "boolean",
+        "token_share": "double", "below_threshold": "boolean", "exemplar_ids": "array<string>",
+        "exemplar_snippets": "array<string>",
     },
     # one row per (cluster, group) cell with documents; group: the value of sample.group_column
     "cell_stats": {"cluster_id": "int", "group_column": "string", "group": "string", "n_docs": "bigint",

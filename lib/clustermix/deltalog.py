@@ -29,17 +29,52 @@ def version(uri: str) -> int | None:
     return DeltaTable(uri, storage_options=opts).version()
 
 
-def last_commit_meta(uri: str) -> dict[str, Any] | None:
-    """The clustermix metadata of the latest commit of ``uri`` (None if absent or foreign)."""
+# the operations of ``clustermix maintain`` (delta-rs compaction and vacuum): they rewrite or delete
+# files without changing a table's rows, so they neither make a stage's output stale nor change the
+# input versions in the fingerprints of the stages that read it
+MAINTENANCE_OPS = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END"})
+
+
+def _data_commit(dt: Any) -> tuple[int, dict[str, Any]] | None:
+    """The version and history entry of the latest commit of an open ``DeltaTable`` that changed its
+    data (anything but :data:`MAINTENANCE_OPS`); None when the history has no such commit."""
+    latest, limit = dt.version(), 1  # the latest commit, in the common case: one read of the log
+    while True:
+        hist = dt.history(limit)  # newest first
+        for i, entry in enumerate(hist):
+            if entry.get("operation") not in MAINTENANCE_OPS:
+                return int(entry.get("version", latest - i)), entry
+        if len(hist) < limit:
+            return None
+        limit *= 8
+
+
+def data_version(uri: str) -> int | None:
+    """The version of the latest commit of ``uri`` that changed its rows (maintenance commits left
+    out): what a stage's fingerprint names for an input, so that ``clustermix maintain`` does not make
+    the stages that read the table run again. None when there is no table."""
     from deltalake import DeltaTable
 
     opts = storage_options(uri)
     if not DeltaTable.is_deltatable(uri, storage_options=opts):
         return None
-    hist = DeltaTable(uri, storage_options=opts).history(1)
-    if not hist:
+    dt = DeltaTable(uri, storage_options=opts)
+    found = _data_commit(dt)
+    return found[0] if found is not None else dt.version()
+
+
+def last_commit_meta(uri: str) -> dict[str, Any] | None:
+    """The clustermix metadata of the latest commit of ``uri`` that changed its data (maintenance
+    commits are skipped); None if absent or foreign."""
+    from deltalake import DeltaTable
+
+    opts = storage_options(uri)
+    if not DeltaTable.is_deltatable(uri, storage_options=opts):
         return None
-    raw = hist[0].get("userMetadata")
+    found = _data_commit(DeltaTable(uri, storage_options=opts))
+    if found is None:
+        return None
+    raw = found[1].get("userMetadata")
     if not raw:
         return None
     try:
@@ -50,7 +85,7 @@ def last_commit_meta(uri: str) -> dict[str, Any] | None:
 
 
 def is_current(uris: list[str], fp: str) -> bool:
-    """True when every output's latest commit was written for fingerprint ``fp``."""
+    """True when every output's latest commit (maintenance left out) was written for fingerprint ``fp``."""
     for uri in uris:
         meta = last_commit_meta(uri)
         if meta is None or meta.get("fingerprint") != fp:

@@ -251,10 +251,11 @@ def _embed_files(todo: rayread.Filter | None, files: list[str], rows: list[int |
         num_gpus=ecfg.gpus_per_actor or None,
         max_task_retries=3,
     )
-    # one file per block, as Ray Data's write_parquet would: named by its ids, so a retried task
-    # rewrites its own file (the Spark commit's dropDuplicates is not needed)
+    # one file per embed.rows_per_file rows (Ray Data gathers the actors' blocks up to that many; the
+    # last file of a run holds the rest), named by its ids, so a retried task rewrites its own file
+    # (the Spark commit's dropDuplicates is not needed)
     ds = ds.map_batches(write_block, fn_kwargs={"table_uri": table_uri, "folder": folder, "s3": s3},
-                        batch_size=None, batch_format="pyarrow", max_retries=3)
+                        batch_size=ecfg.rows_per_file, batch_format="pyarrow", max_retries=3)
     # on a terminal Ray Data's bars show rows done/total and the rate; in logs we report them
     every = None if DataContext.get_current().enable_progress_bars else PROGRESS_EVERY_S
     with _Progress(f"{table_uri}/{folder}", total, every) as progress:

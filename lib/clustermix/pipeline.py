@@ -99,6 +99,16 @@ class Run:
             out[t] = v
         return out
 
+    def data_versions(self, stage: str, inputs: dict[str, Any]) -> dict[str, int]:
+        """The inputs' last data-changing versions (:func:`deltalog.data_version`), for those whose
+        latest version differs."""
+        out = {}
+        for t in registry.get(stage).reads:
+            v = deltalog.data_version(self.lake.table(t))
+            if v is not None and v != inputs.get(t):
+                out[t] = v
+        return out
+
     def run_stage(self, stage: str, then: str | None = None) -> dict[str, Any]:
         """Run ``stage`` unless its outputs are current; record what happened in the manifest.
 
@@ -108,7 +118,9 @@ class Run:
         inputs: dict[str, Any] = dict(self.input_versions(stage))
         inputs.update(decl.extra_inputs(Context(self)))
         chash = decl.config_hash(self.cfg)
-        fp = fingerprint(stage, chash, inputs)
+        # the fingerprint names the inputs' last data-changing versions: a compaction or vacuum by
+        # `clustermix maintain` leaves every stage current (the stage itself reads the latest version)
+        fp = fingerprint(stage, chash, {**inputs, **self.data_versions(stage, inputs)})
         outs = [self.lake.table(t) for t in decl.writes]
         if deltalog.is_current(outs, fp):
             rec: dict[str, Any] = {"status": "skipped", "reason": "outputs current for these inputs and config",

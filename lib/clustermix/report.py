@@ -3,8 +3,9 @@
 
 Everything comes from the run's manifest and from K-row tables read with delta-rs at the versions
 the run recorded. Bigger tables are only ever streamed one narrow column at a time into counters of
-size O(K) or O(clip), and exemplar texts are looked up by id with a filter, so the report's memory
-is O(K) whatever the corpus size. Local paths and object-store URIs both work (pyarrow.fs, delta-rs).
+size O(K) or O(clip); the clusters' exemplar snippets are stored in ``cluster_stats`` (only the
+duplicate pairs' texts are looked up in ``docs`` by id, with a filter), so the report's memory is O(K)
+whatever the corpus size. Local paths and object-store URIs both work (pyarrow.fs, delta-rs).
 
 When a stage was skipped (its outputs were current), its counts come from the manifest of the run
 that wrote those outputs; when no manifest has them, from the committed tables, and ``notes`` says so.
@@ -280,11 +281,7 @@ def _clusters(run: _Run, cfg: dict[str, Any], sample: dict[str, Any]) -> dict[st
     rows = sorted(stats.to_pyarrow_table().to_pylist(), key=lambda r: r["cluster_id"])  # K rows
     draws = {int(k): int(v) for k, v in (sample.get("draws_per_cluster") or {}).items()}
     n_draws = sum(draws.values())
-    ids: set[str] = set()
-    for r in rows:
-        ex = list(r.get("exemplar_ids") or [])
-        ids.update(ex if r.get("below_threshold") else ex[:1])
-    snippets = _snippets(run.table("docs"), ids)
+    snippets = _exemplar_snippets(run, rows)
     out = []
     for r in rows:
         cid, n = int(r["cluster_id"]), int(r["n_docs"])
@@ -301,6 +298,22 @@ def _clusters(run: _Run, cfg: dict[str, Any], sample: dict[str, Any]) -> dict[st
                           if i in snippets],
         })
     return {"available": True, "k": len(out), "min_share": min_share, "rows": out}
+
+
+def _exemplar_snippets(run: _Run, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The snippets of the exemplars the report shows (all of a cluster below the threshold, the first of
+    the others): from ``cluster_stats.exemplar_snippets``, stored by the stats stage; a table written
+    before that column existed has them looked up in ``docs`` by id."""
+    shown: dict[str, str | None] = {}
+    for r in rows:
+        ex = list(r.get("exemplar_ids") or [])
+        stored = list(r.get("exemplar_snippets") or [None] * len(ex))
+        for i, snip in list(zip(ex, stored, strict=False))[: None if r.get("below_threshold") else 1]:
+            shown[i] = snip
+    missing = {i for i, snip in shown.items() if snip is None}
+    found = _snippets(run.table("docs"), missing) if missing else {}
+    return {i: (snip if snip is not None else found[i]) for i, snip in shown.items()
+            if snip is not None or i in found}
 
 
 def _blend(run: _Run, cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:

@@ -21,10 +21,15 @@ if TYPE_CHECKING:
 
     from clustermix.stage import Context
 
+# characters of each exemplar's text stored in cluster_stats.exemplar_snippets (what the report shows)
+EXEMPLAR_CHARS = 320
+
 
 def cluster_stats(docs: DataFrame, assignments: DataFrame, centroids: DataFrame, min_share: float,
                   n_exemplars: int) -> DataFrame:
-    """Per cluster: sizes, shares, quality summary, domain histogram, exemplars nearest the centroid."""
+    """Per cluster: sizes, shares, quality summary, domain histogram, exemplars nearest the centroid
+    (``exemplar_ids`` and, in the same order, the first :data:`EXEMPLAR_CHARS` characters of their
+    text, ``exemplar_snippets``)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -45,11 +50,16 @@ def cluster_stats(docs: DataFrame, assignments: DataFrame, centroids: DataFrame,
                                    .alias("domains"))
     )
     w = Window.partitionBy("cluster_id").orderBy(F.col("score").desc(), F.col("id"))
+    picked = assignments.withColumn("_r", F.row_number().over(w)).where(F.col("_r") <= n_exemplars)
+    # the exemplars' first characters, stored with their ids so the report never scans docs' text for
+    # them: K × n_exemplars rows, broadcast to a join that streams docs once without shuffling it
+    text = docs.select("id", F.substring("text", 1, EXEMPLAR_CHARS).alias("_snippet"))
     ex = (
-        assignments.withColumn("_r", F.row_number().over(w)).where(F.col("_r") <= n_exemplars)
+        F.broadcast(picked.select("cluster_id", "_r", "id")).join(text, "id", "left")
         .groupBy("cluster_id")
-        .agg(F.sort_array(F.collect_list(F.struct("_r", "id"))).alias("_ex"))
-        .select("cluster_id", F.col("_ex.id").alias("exemplar_ids"))
+        .agg(F.sort_array(F.collect_list(F.struct("_r", "id", "_snippet"))).alias("_ex"))
+        .select("cluster_id", F.col("_ex.id").alias("exemplar_ids"),
+                F.transform("_ex", lambda e: F.coalesce(e["_snippet"], F.lit(""))).alias("exemplar_snippets"))
     )
     all_k = centroids.select("cluster_id")
     out = (
