@@ -170,9 +170,9 @@ def planted(spark):
     for k, dom, n in PLANTED:
         for i in range(n):
             doc_id = f"{dom}-{k}-{i}"
-            docs.append((doc_id, dom, 10 + i % 7, None, "en" if i % 2 else "de"))
+            docs.append((doc_id, f"text of {doc_id}", dom, 10 + i % 7, None, "en" if i % 2 else "de"))
             asg.append((doc_id, k, 0.5))
-    docs_df = spark.createDataFrame(docs, "id string, domain string, n_tokens bigint, quality double, lang string")
+    docs_df = spark.createDataFrame(docs, "id string, text string, domain string, n_tokens bigint, quality double, lang string")
     asg_df = spark.createDataFrame(asg, "id string, cluster_id int, score float")
     centroids = spark.createDataFrame([(k,) for k in range(10)], "cluster_id int")
     stats = cluster_stats(docs_df, asg_df, centroids, 0.007, 1).cache()
