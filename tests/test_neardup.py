@@ -114,6 +114,27 @@ def test_groups_do_not_depend_on_partitioning(ingested: Any, spark: Any) -> None
     assert {r[0]: r[1] for r in results[0]} == truth
 
 
+def _shingles_reference(text: str | None, words: int) -> list[str]:
+    """Word n-grams as the docstring of ``minhash.with_shingles`` says, in plain Python: lower-cased,
+    every run of characters that are neither letters nor digits a break."""
+    folded = "".join(c if c.isalpha() or c.isnumeric() else " " for c in (text or "").lower())
+    tokens = folded.split()
+    if not tokens:
+        return []
+    grams = [" ".join(tokens[i:i + words]) for i in range(max(len(tokens) - words + 1, 1))]
+    return sorted(set(grams))
+
+
+def test_shingles_match_a_plain_python_reference(spark: Any) -> None:
+    texts = ["The quick brown fox -- jumps over the lazy dog, again and again!",
+             "  Café déjà-vu: naïve Ärger über 42 Größen; ΑΒΓ δέλτα 3½  ",
+             "two words", "", None, "...!!!", "a,b;c d\te\nf g_h 2024-01-05 x2y",
+             " ".join(f"w{i % 7}" for i in range(40))]
+    df = spark.createDataFrame(list(enumerate(texts)), "i int, text string")
+    got = {r["i"]: sorted(r["_sh"]) for r in minhash.with_shingles(df, "text", 3).collect()}
+    assert got == {i: _shingles_reference(t, 3) for i, t in enumerate(texts)}
+
+
 def test_components_join_chains_and_keep_the_least_key(spark: Any) -> None:
     edges = spark.createDataFrame([("b", "c"), ("c", "d"), ("a", "d"), ("x", "y"), ("e", "f"), ("f", "g")], "a string, b string")
     labels = {r["key"]: r["label"] for r in minhash.components(edges, 10).collect()}

@@ -39,16 +39,24 @@ def scheme(cfg: NearDedupConfig) -> str:
     return f"w{cfg.shingle_words}-b{cfg.bands}-r{cfg.rows}-s{cfg.seed}"
 
 
-def shingles(text: Column, words: int) -> Column:
-    """Word ``words``-grams of ``text`` lower-cased, with every run of non-letters/digits one space.
-    A text of fewer words is one shingle; a text with no word has none."""
+def with_shingles(docs: DataFrame, text: str, words: int, out: str = "_sh") -> DataFrame:
+    """``docs`` with column ``out``: the distinct word ``words``-grams of ``text`` lower-cased, every
+    run of characters that are not letters or digits a word break. A text of fewer words is one
+    shingle; a text with no word has none.
+
+    Spark ML's ``RegexTokenizer`` and ``NGram`` (JVM code) split each text once: n-grams built with
+    SQL lambdas over a split *expression* re-split the text for every n-gram (quadratic in its words)."""
+    from pyspark.ml.feature import NGram, RegexTokenizer
     from pyspark.sql import functions as F
 
-    norm = F.trim(F.regexp_replace(F.lower(text), r"[^\p{L}\p{N}]+", " "))
-    tokens = F.filter(F.split(norm, " "), lambda t: t != "")
-    n = F.greatest(F.size(tokens) - words + 1, F.lit(1))
-    grams = F.transform(F.sequence(F.lit(1), n), lambda i: F.array_join(F.slice(tokens, i, words), " "))
-    return F.when(F.size(tokens) > 0, F.array_distinct(grams)).otherwise(F.array().cast("array<string>"))
+    tok = RegexTokenizer(inputCol="_txt", outputCol="_tok", pattern=r"[^\p{L}\p{N}]+", gaps=True,
+                         toLowercase=True, minTokenLength=1)
+    grams = NGram(n=words, inputCol="_tok", outputCol="_ng")
+    df = grams.transform(tok.transform(docs.withColumn("_txt", F.coalesce(F.col(text), F.lit("")))))
+    sh = (F.when(F.size("_ng") > 0, F.array_distinct("_ng"))
+          .when(F.size("_tok") > 0, F.array(F.array_join("_tok", " ")))
+          .otherwise(F.array().cast("array<string>")))
+    return df.withColumn(out, sh).drop("_txt", "_tok", "_ng")
 
 
 def signatures(docs: DataFrame, cfg: NearDedupConfig, text: str = "text") -> DataFrame:
@@ -58,7 +66,7 @@ def signatures(docs: DataFrame, cfg: NearDedupConfig, text: str = "text") -> Dat
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
-    with_sh = docs.withColumn("_sh", shingles(F.col(text), cfg.shingle_words)).where(F.size("_sh") > 0)
+    with_sh = with_shingles(docs, text, cfg.shingle_words).where(F.size("_sh") > 0)
     tf = HashingTF(inputCol="_sh", outputCol="_tf", numFeatures=NUM_FEATURES, binary=True).transform(with_sh)
     lsh = MinHashLSH(inputCol="_tf", outputCol="_mh", numHashTables=cfg.bands * cfg.rows, seed=cfg.seed)
     hashed = lsh.fit(tf).transform(tf)  # fit draws the hash coefficients from the seed; it reads no data
