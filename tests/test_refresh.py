@@ -93,6 +93,23 @@ def _versions(root: Path) -> dict[str, int | None]:
     return {t: deltalog.version(str(root / t)) for t in DATA_TABLES}
 
 
+def _written(uri: str, after: int | None) -> tuple[int, int]:
+    """Rows added and data files removed by the commits of the table at ``uri`` after version
+    ``after``, read from its Delta log: what a refresh wrote, and what of the old it rewrote."""
+    first = -1 if after is None else after
+    added = removed = 0
+    for f in sorted(Path(uri, "_delta_log").glob("*.json")):
+        if int(f.stem) <= first:
+            continue
+        for line in f.read_text().splitlines():
+            action = json.loads(line)
+            if "add" in action and action["add"].get("dataChange", True):
+                added += json.loads(action["add"]["stats"])["numRecords"]
+            if "remove" in action and action["remove"].get("dataChange", True):
+                removed += 1
+    return added, removed
+
+
 def _ids(spark: Any, root: Path, table: str) -> list[str]:
     return [r[0] for r in spark.read.format("delta").load(str(root / table)).select("id").collect()]
 
@@ -130,6 +147,9 @@ def test_three_nights(tmp_path: Path, spark: Any, ray_local: Any, monkeypatch: p
     assert m2["drift"]["new_docs"] == 25 and m2["drift"]["decision"] == "keep", m2["drift"]
     v2 = _versions(root)
     assert v2["centroids"] == v1["centroids"]  # no refit
+    # the refresh costs O(new input): each table took the new file's rows and rewrote none of the old
+    new_rows = {"docs": 25, "embeddings": 25, "assignments": 25, "duplicates": 2, "quarantine": 2}
+    assert {t: _written(str(root / t), v1[t]) for t in new_rows} == {t: (n, 0) for t, n in new_rows.items()}
     assert all(v2[t] > v1[t] for t in ("docs", "embeddings", "assignments", "blended"))
     docs = _ids(spark, root, "docs")
     assert len(docs) == len(set(docs)) == 95
