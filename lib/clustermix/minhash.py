@@ -10,7 +10,7 @@ links each member to its first member only (a family of near-copies is connected
 every candidate pair is verified on the whole signature before it counts.
 
 Groups are the connected components of the verified pairs, found by min-label propagation with
-pointer jumping, every round a Spark join cut from its lineage by ``localCheckpoint``: nothing is
+pointer jumping, every round a Spark join cut from its lineage by a checkpoint: nothing is
 collected to the driver but counts. Each group keeps its least *key*: ``key`` is a string the caller
 orders (a refresh puts the documents already accepted first), so the result does not depend on
 partitioning or on the order documents were read in.
@@ -119,6 +119,17 @@ def matches(pairs: DataFrame, sigs: DataFrame, threshold: float) -> DataFrame:
     return joined.where(agreement(F.col("_sa"), F.col("_sb")) >= threshold).select("a", "b")
 
 
+def cut(df: DataFrame) -> DataFrame:
+    """``df`` computed once and cut from its lineage: a reliable checkpoint in the session's checkpoint
+    folder when it has one (a run sets it under the lake), else a local one (executors' storage)."""
+    if df.sparkSession.sparkContext.getCheckpointDir() is None:
+        return df.localCheckpoint()
+    cached = df.persist()  # writing the checkpoint reads these blocks instead of computing df again
+    out = cached.checkpoint(eager=True)
+    cached.unpersist()
+    return out
+
+
 def components(edges: DataFrame, max_iterations: int) -> DataFrame:
     """``(key, label)`` for every key on an edge: ``label`` is the least key of its connected component.
 
@@ -127,15 +138,15 @@ def components(edges: DataFrame, max_iterations: int) -> DataFrame:
     from pyspark.sql import functions as F
 
     und = edges.select("a", "b").unionByName(edges.select(F.col("b").alias("a"), F.col("a").alias("b")))
-    und = und.localCheckpoint()
+    und = cut(und)
     labels = und.groupBy("a").agg(F.least(F.col("a"), F.min("b")).alias("label")).withColumnRenamed("a", "key")
-    labels = labels.localCheckpoint()
+    labels = cut(labels)
     for i in range(max_iterations):
         sent = und.join(labels.withColumnRenamed("key", "b"), "b").select(F.col("a").alias("key"), "label")
         step = labels.unionByName(sent).groupBy("key").agg(F.min("label").alias("label"))
         jump = step.select(F.col("key").alias("label"), F.col("label").alias("_ll"))
         step = step.join(jump, "label", "left").select("key", F.least("label", F.coalesce("_ll", "label")).alias("label"))
-        step = step.localCheckpoint()
+        step = cut(step)
         changed = step.join(labels.withColumnRenamed("label", "_old"), "key").where(
             F.col("label") != F.col("_old")).count()
         labels = step
@@ -160,7 +171,7 @@ def near_duplicates(sigs: DataFrame, cfg: NearDedupConfig, candidates: DataFrame
         pairs = pairs.join(c.withColumnRenamed("key", "a").withColumnRenamed("_c", "_ca"), "a", "left") \
             .join(c.withColumnRenamed("key", "b").withColumnRenamed("_c", "_cb"), "b", "left") \
             .where(F.col("_ca").isNotNull() | F.col("_cb").isNotNull()).select("a", "b")
-    edges = matches(pairs, sigs, cfg.threshold).localCheckpoint()
+    edges = cut(matches(pairs, sigs, cfg.threshold))
     if edges.isEmpty():
         return sigs.sparkSession.createDataFrame([], "key string, kept_key string, jaccard double")
     groups = components(edges, cfg.max_iterations).where(F.col("key") != F.col("label"))

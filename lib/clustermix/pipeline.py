@@ -52,6 +52,9 @@ class Run:
         self.lake = lk.Lake(cfg.lake.root)
         self.run_id = run_id or new_run_id()
         self._spark = spark
+        self._checkpoints: str | None = None
+        if spark is not None:
+            self._use_checkpoints(spark)
         self.input_spec: InputSpec | None = None
         self.options: dict[str, Any] = {}  # run-wide choices a stage reads (a refresh's ``recluster``)
         self.manifest: dict[str, Any] = {
@@ -67,7 +70,14 @@ class Run:
             from clustermix.runtime import spark_session
 
             self._spark = spark_session(self.cfg)
+            self._use_checkpoints(self._spark)
         return self._spark
+
+    def _use_checkpoints(self, spark: SparkSession) -> None:
+        """Spark checkpoints of this run (the MinHash groups' rounds) go under the lake's staging folder:
+        files every executor can read, so losing one executor loses no round (a local checkpoint would)."""
+        self._checkpoints = self.lake.staging("checkpoints", self.run_id)
+        spark.sparkContext.setCheckpointDir(lk.spark_path(self._checkpoints))
 
     def _spark_if_started(self) -> SparkSession | None:
         return self._spark
@@ -81,6 +91,8 @@ class Run:
         """Wait for the background loads that no stage's write reaped (a stage skipped or failed)."""
         while self._ahead:
             self._ahead.popitem()[1].join()
+        if self._checkpoints is not None:
+            self.lake.remove(self._checkpoints)
 
     @property
     def manifest_uri(self) -> str:
