@@ -124,10 +124,7 @@ def cut(df: DataFrame) -> DataFrame:
     folder when it has one (a run sets it under the lake), else a local one (executors' storage)."""
     if df.sparkSession.sparkContext.getCheckpointDir() is None:
         return df.localCheckpoint()
-    cached = df.persist()  # writing the checkpoint reads these blocks instead of computing df again
-    out = cached.checkpoint(eager=True)
-    cached.unpersist()
-    return out
+    return df.checkpoint(eager=True)  # eager: one job computes df and writes it (no second pass)
 
 
 def components(edges: DataFrame, max_iterations: int) -> DataFrame:
