@@ -201,10 +201,13 @@ def test_evaluations_table(evaluated):
 
 
 def test_report_says_whether_the_mix_helps(evaluated, pipeline):
+    from clustermix.cli import summary_lines
     from clustermix.report import build_report
     from clustermix.report_html import render
 
     _, run = evaluated
+    line = next(x for x in summary_lines(run.manifest) if x.startswith("evaluate:"))
+    assert "blended" in line and "random:" in line and "natural:" in line
     rep = build_report(run.lake.root, run.run_id)
     ev = rep["evaluation"]
     assert ev["ran"] and ev["seeds"] == 2 and set(ev["verdicts"]) == {"random", "natural"}
@@ -219,11 +222,16 @@ def test_report_says_whether_the_mix_helps(evaluated, pipeline):
 
 
 def test_evaluate_without_the_holdout_stops(pipeline):
-    from clustermix import tableio
-    from clustermix.errors import ConfigError
+    from clustermix import deltalog, tableio
+    from clustermix.errors import ConfigError, DataError
     from clustermix.evaluate import run_evaluate
 
     cfg, run = pipeline
     writer = tableio.TableWriter(run.lake, {"run_id": "x", "stage": "evaluate"})
     with pytest.raises(ConfigError, match=r"evaluate\.enabled"):
         run_evaluate(run.lake, cfg, {}, "x", writer)
+    # a blend made without the hold-out holds held-out documents: evaluate refuses it before training
+    on = cfg.model_copy(update={"evaluate": EvaluateConfig(**EVALUATE)})
+    with pytest.raises(DataError, match=r"blended holds [0-9]+ held-out documents"):
+        run_evaluate(run.lake, on, {"blended": deltalog.version(run.lake.table("blended"))}, "x", writer)
+    assert deltalog.version(run.lake.table("evaluations")) is None  # nothing written
