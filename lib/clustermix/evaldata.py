@@ -26,7 +26,6 @@ import numpy as np
 
 from clustermix import deltalog, rayread
 from clustermix import lake as lk
-from clustermix.contracts import NO_DOMAIN
 from clustermix.search.pools import seeded_keys
 
 if TYPE_CHECKING:
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
     from clustermix.storage import S3Settings
 
 BLOCK_ROWS = 8192
+NO_DOMAIN = "(none)"  # contracts.NO_DOMAIN, whose module imports pyspark (a Ray image has none)
 TRAIN_ROLES = ("random", "source", "cluster")
 
 

@@ -2,7 +2,7 @@
 
 A document is held out when the first 16 hex digits of ``sha256("clustermix-holdout:<seed>:" + id)``
 are below ``fraction · 16^16``. Spark computes the same digits with built-in functions (``sha2``,
-no Python UDF) as pyarrow/Python do, so stats, sample and blend (Spark), the search's pools (Ray
+no Python UDF: :func:`clustermix.kept.held_out`) as Python does here, so stats, sample and blend (Spark), the search's pools (Ray
 Data) and ``evaluate`` agree on the set without a table join, and a document keeps its verdict
 across runs and refreshes. ``None`` (``evaluate.enabled`` off) holds nothing out.
 
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     import numpy as np
-    from pyspark.sql import Column
 
     from clustermix.config import Config
 
@@ -54,13 +53,6 @@ class Holdout:
 
         t = self.threshold
         return np.array([i is not None and self.key(i) < t for i in ids], dtype=bool)
-
-    def column(self, id_col: str = "id") -> Column:
-        """The same verdict as a Spark column (built-in functions only)."""
-        from pyspark.sql import functions as F
-
-        digest = F.sha2(F.concat(F.lit(self.prefix), F.col(id_col)), 256)
-        return F.substring(digest, 1, DIGITS) < F.lit(self.threshold)
 
 
 def of(cfg: Config) -> Holdout | None:

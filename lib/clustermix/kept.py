@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
     from clustermix.holdout import Holdout
     from clustermix.lake import Lake
@@ -26,9 +26,19 @@ def assignments(spark: SparkSession, lake: Lake, inputs: dict[str, Any], holdout
 
     a = read(spark, lake, "assignments", inputs.get("assignments"))
     if holdout is not None:
-        a = a.where(~holdout.column("id"))
+        a = a.where(~held_out(holdout))
     uri, pinned = lake.table("semantic_duplicates"), inputs.get("semantic_duplicates")
     if (pinned is None and version(uri) is None) or not num_records(uri, pinned):
         return a
     dups = read(spark, lake, "semantic_duplicates", pinned).select("id")
     return a.join(dups, "id", "left_anti")
+
+
+def held_out(holdout: Holdout, id_col: str = "id") -> Column:
+    """:meth:`Holdout.is_held` as a Spark column, with built-in functions only (no Python per row)."""
+    from pyspark.sql import functions as F
+
+    from clustermix.holdout import DIGITS
+
+    digest = F.sha2(F.concat(F.lit(holdout.prefix), F.col(id_col)), 256)
+    return F.substring(digest, 1, DIGITS) < F.lit(holdout.threshold)
