@@ -438,8 +438,8 @@ def test_report_html_is_self_contained(written):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
     assert {v for tag, k, v in parser.refs if tag == "a"} <= {f"#{s}" for s in (
-        "accounting", "clusters", "under", "domains", "levels", "dedup", "draws", "blend", "quality", "search", "run")}
-    assert run.run_id in page and NO_SEARCH in page
+        "accounting", "clusters", "under", "domains", "levels", "dedup", "draws", "blend", "quality", "search", "evaluation", "run")}
+    assert run.run_id in page and NO_SEARCH in page and "Evaluation was not run" in page
 
 
 @pytest.mark.slow

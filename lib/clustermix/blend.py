@@ -254,12 +254,12 @@ def stage_inputs(ctx: Context) -> dict[str, Any]:
 
 def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     """The blend stage, on the versions of its inputs the runner pinned; also the draws per domain."""
-    from clustermix import deltalog, kept, tableio
+    from clustermix import deltalog, holdout, kept, tableio
 
     s, lake, cfg = ctx.spark, ctx.lake, ctx.cfg
     bcfg = cfg.blend.model_copy(update={"mixture_path": mixture_file(cfg, lake)})
     info = run_blend(s, tableio.read(s, lake, "cluster_stats", inputs["cluster_stats"]),
-                     kept.assignments(s, lake, inputs), tableio.read(s, lake, "docs", inputs["docs"]),
+                     kept.assignments(s, lake, inputs, holdout.of(cfg)), tableio.read(s, lake, "docs", inputs["docs"]),
                      tableio.read(s, lake, "sample_plan", inputs["sample_plan"]), bcfg, cfg.sample,
                      cfg.spark.shuffle_partitions, ctx.write,
                      plan_rows=deltalog.num_records(lake.table("sample_plan"), inputs["sample_plan"]))

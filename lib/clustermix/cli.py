@@ -108,6 +108,13 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
         lines.append(f"search: {se.get('proxies_trained')} proxies over {se.get('iterations')} iterations, best "
                      f"target loss {se.get('best_score')} (uniform {se.get('uniform_score')}); "
                      f"best mixture: {se.get('best_mixture_path')}")
+    ev = st.get("evaluate", {}).get("counts")
+    if ev:
+        figs = ", ".join(f"{m} {s['mean']:.4f} ({s['min']:.4f}-{s['max']:.4f})" for m, s in
+                         ((m, ev["summaries"][m]["macro_source"]) for m in ev["mixes"]))
+        said = "; ".join(f"{b}: {v.get('macro_source')}" for b, v in ev["verdicts"].items())
+        lines.append(f"evaluate: {ev['held_out_scored']} held-out docs, {ev['seeds']} seeds; held-out bits/byte, "
+                     f"macro over sources (range across seeds): {figs}; blended against {said}")
     for name, rec in st.items():
         lines.append(f"  {name:<8} {rec.get('status'):<8} {rec.get('seconds', 0):>8}s  versions {rec.get('versions')}")
     if "blended" in manifest.get("tables", {}):

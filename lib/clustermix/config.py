@@ -292,6 +292,32 @@ class SearchConfig(_Section):
         return self
 
 
+_BASELINES: list[Literal["random", "natural", "climb"]] = ["random", "natural", "climb"]
+
+
+class EvaluateConfig(_Section):
+    """``clustermix evaluate`` (:mod:`clustermix.evaluate`): proxies trained on the blended mix and on
+    baselines of the same size, scored on held-out documents. Off by default: it trains
+    ``seeds × mixes`` proxies. On, the documents of the hold-out (a seeded hash of the id below
+    ``holdout_fraction``) are left out of stats, sample, blend and search, so no plan draws them.
+
+    The proxies' shape (width, depth, heads, context, batch, learning rate, device, threads) is the
+    search's (``search.proxy_*``); the tokenizer is bytes, so losses are bits per byte."""
+
+    enabled: bool = False
+    holdout_fraction: float = Field(0.05, gt=0, le=0.5)  # documents no plan may draw
+    holdout_seed: int = 27
+    max_per_source: int = Field(200, ge=1)  # held-out documents scored per source (the first by hash)
+    max_doc_bytes: int = Field(4096, ge=16)  # each scored document's first bytes
+    seeds: int = Field(3, ge=2)  # proxies per mix: the seed spread needs at least two
+    seed: int = 7  # seed i of a mix trains with the initialisation and window order of (seed, i)
+    proxy_tokens: int = Field(200_000, ge=1)  # bytes each proxy trains on, the same for every mix
+    # climb: when a search wrote a best mixture
+    baselines: list[Literal["random", "natural", "climb"]] = Field(default_factory=lambda: _BASELINES.copy())
+    cpus_per_proxy: float = Field(1.0, gt=0)
+    gpus_per_proxy: float = Field(0.0, ge=0)
+
+
 class RefreshConfig(_Section):
     """When a nightly refresh refits k-means instead of assigning new documents to the old centroids.
 
@@ -364,6 +390,7 @@ class Config(_Section):
     sample: SampleConfig
     blend: BlendConfig = BlendConfig()
     search: SearchConfig = SearchConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     refresh: RefreshConfig = RefreshConfig()
     dedup: DedupConfig = DedupConfig()
     maintain: MaintainConfig = MaintainConfig()

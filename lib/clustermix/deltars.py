@@ -47,6 +47,9 @@ def arrow_schema(table: str) -> pa.Schema:
                      ("predicted_score", pa.float64()), ("seed", pa.int64()), ("tokens", pa.int64()),
                      ("max_passes", pa.float64()), ("seconds", pa.float64()), ("is_best", pa.bool_()),
                      ("run_id", pa.string())],
+        "evaluations": [("run_id", pa.string()), ("mix", pa.string()), ("seed_index", pa.int32()), ("seed", pa.int64()),
+                        ("group_kind", pa.string()), ("group", pa.string()), ("n_docs", pa.int64()),
+                        ("bytes", pa.int64()), ("loss_bits_per_byte", pa.float64()), ("train_tokens", pa.int64())],
         "semantic_duplicates": [("id", pa.string()), ("duplicate_of", pa.string()), ("cluster_id", pa.int32()),
                                 ("similarity", pa.float32()), ("domain", pa.string()), ("run_id", pa.string())],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from clustermix.holdout import FINGERPRINT as HOLDOUT
 from clustermix.stage import Stage
 
 if TYPE_CHECKING:
@@ -16,6 +17,13 @@ if TYPE_CHECKING:
 def _has_search_target(cfg: Config) -> bool:
     return cfg.search.target_path is not None or cfg.search.target_domain is not None
 
+
+def _evaluates(cfg: Config) -> bool:
+    return cfg.evaluate.enabled
+
+
+PROXY_SHAPE = tuple(f"search.{k}" for k in ("proxy_d_model", "proxy_layers", "proxy_heads", "proxy_context",
+                                             "proxy_batch_size", "proxy_lr"))
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", reads=(), writes=("docs", "quarantine", "duplicates", "near_duplicates", "minhash_signatures",
@@ -47,15 +55,15 @@ STAGES: tuple[Stage, ...] = (
           run="clustermix.semantic:run", engine="ray"),
     # the cells of cell_stats are (cluster, value of sample.group_column)
     Stage("stats", reads=("docs", "assignments", "centroids", "semantic_duplicates"), writes=("cluster_stats", "cell_stats"),
-          fingerprint=("stats", "sample.group_column"),
+          fingerprint=("stats", "sample.group_column", *HOLDOUT),
           help="docs + assignments -> cluster_stats, cell_stats (Spark)", run="clustermix.stats:run"),
     # the whole sample section: budget, clip, order, and balance, group_column, group_weights
     Stage("sample", reads=("cluster_stats", "cell_stats", "assignments", "docs", "semantic_duplicates"), writes=("sample_plan",),
-          fingerprint=("sample",),
+          fingerprint=("sample", *HOLDOUT),
           help="cluster_stats (+ cell_stats) -> sample_plan (ClusterClip, optionally across groups first; Spark)",
           run="clustermix.sample:run"),
     Stage("search", reads=("docs", "assignments", "centroids", "semantic_duplicates"), writes=("mixtures",),
-          fingerprint=("search", "sample.clip"),
+          fingerprint=("search", "sample.clip", *HOLDOUT),
           ignore=("search.gpus_per_proxy", "search.cpus_per_proxy", "search.torch_threads", "search.device"),
           help="docs + assignments + a target set -> mixtures, search/best_mixture.json (CLIMB: pools drawn "
                "with Ray Data, proxies trained as Ray tasks)",
@@ -64,9 +72,18 @@ STAGES: tuple[Stage, ...] = (
     # the join strategy changes how blended is computed, never what it holds; the layout salt is the
     # shape of blended's files (2: each file one contiguous run of positions): a change reruns old blends
     Stage("blend", reads=("sample_plan", "cluster_stats", "assignments", "docs", "semantic_duplicates"), writes=("blended",),
-          fingerprint=("blend", "sample"), ignore=("blend.broadcast_max_rows",), salt={"layout": 2},
+          fingerprint=("blend", "sample", *HOLDOUT), ignore=("blend.broadcast_max_rows",), salt={"layout": 2},
           help="sample_plan + docs -> blended, the training mix (Spark)",
           run="clustermix.blend:run", inputs="clustermix.blend:stage_inputs"),
+    # off unless evaluate.enabled (it trains seeds x mixes proxies); the proxies' shape is the search's
+    Stage("evaluate", reads=("blended", "docs", "assignments", "semantic_duplicates"), writes=("evaluations",),
+          fingerprint=("evaluate", *PROXY_SHAPE), ignore=("evaluate.cpus_per_proxy", "evaluate.gpus_per_proxy"),
+          help="blended + docs -> evaluations: proxy LMs trained on the mix and on baselines of the same size "
+               "(random, natural, the CLIMB mixture), scored on held-out documents per source and cluster, over "
+               "evaluate.seeds seeds (Ray; needs evaluate.enabled, which keeps the held-out documents out of "
+               "every plan)",
+          run="clustermix.evaluate:run", inputs="clustermix.evaluate:stage_inputs",
+          in_run=_evaluates, engine="ray"),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 SCHEMA = "clustermix.report/1"
 SNIPPET_CHARS = 320
 NO_SEARCH = "The mixture search did not run: the lake has no mixtures table."
+NO_EVALUATION = ("Evaluation was not run: the lake has no evaluations table. To measure whether the mix helps, run "
+                 "`clustermix run --set evaluate.enabled=true` (it keeps a seeded hold-out out of every plan, then "
+                 "trains proxies on the mix and on baselines of the same size and scores them on the hold-out).")
 
 
 def _fs(uri: str) -> tuple[FileSystem, str]:
@@ -421,6 +424,31 @@ def _search(run: _Run) -> dict[str, Any]:
             "best_score": min((i["best"] for i in its), default=None)}
 
 
+def _evaluation(run: _Run) -> dict[str, Any]:
+    """The ``evaluations`` table (held-out loss per mix, seed and group) as figures across seeds and
+    verdicts of the blended mix against each baseline (:mod:`clustermix.spread`)."""
+    from clustermix import spread
+
+    dt = run.table("evaluations")
+    if dt is None:
+        return {"ran": False, "note": NO_EVALUATION}
+    rows = dt.to_pyarrow_table().to_pylist()
+    cmp = spread.compare(rows)
+    per_source: dict[str, dict[str, list[float]]] = {}
+    n_docs: dict[str, int] = {}
+    for r in rows:
+        if r["group_kind"] == "source":
+            per_source.setdefault(r["group"], {}).setdefault(r["mix"], []).append(float(r["loss_bits_per_byte"]))
+            n_docs[r["group"]] = int(r["n_docs"])
+    seeds = sorted({int(r["seed_index"]) for r in rows})
+    return {"ran": True, "mix": cmp["mix"], "mixes": sorted(cmp["summaries"]), "seeds": len(seeds),
+            "summaries": cmp["summaries"], "verdicts": cmp["verdicts"],
+            "train_tokens": max((int(r["train_tokens"]) for r in rows), default=None),
+            "per_source": {g: {"n_docs": n_docs[g], **{m: spread.summary(v) for m, v in by.items()}}
+                           for g, by in sorted(per_source.items())},
+            "run_id": rows[0]["run_id"] if rows else None}
+
+
 def _stage_rows(run: _Run) -> list[dict[str, Any]]:
     from clustermix.registry import ORDER
 
@@ -506,6 +534,7 @@ def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
         "quality": {"available": bool(with_q), "clusters_with_quality": len(with_q),
                     "docs_with_quality": sum(int(r["n_with_quality"]) for r in with_q)},
         "search": _search(run),
+        "evaluation": _evaluation(run),
         "stages": _stage_rows(run),
         "tables": {t: run.version(t) for t in (manifest.get("tables") or {})},
         "config": cfg,

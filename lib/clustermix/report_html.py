@@ -314,6 +314,38 @@ def _search(rep: dict[str, Any], figs: dict[str, str]) -> str:
             + _table(["iteration", "proxies trained", "best target loss", "mean target loss"], rows, (0, 1, 2, 3)))
 
 
+METRIC_NAMES = {"macro_source": "macro over sources", "worst_source": "worst source",
+                "macro_cluster": "macro over clusters", "worst_cluster": "worst cluster", "all": "all held-out bytes"}
+
+
+def _mean_spread(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "—"
+    return f"{s['mean']:.4f} <span class=\"muted\">({s['min']:.4f}–{s['max']:.4f})</span>"
+
+
+def _evaluation(rep: dict[str, Any]) -> str:
+    ev = rep.get("evaluation") or {"ran": False, "note": "Evaluation was not run."}
+    if not ev["ran"]:
+        return f"<p>{escape(ev['note'])}</p>"
+    mixes = [ev["mix"], *[m for m in ev["mixes"] if m != ev["mix"]]]
+    summaries = ev["summaries"]
+    rows = [[escape(METRIC_NAMES.get(k, k)), *[_mean_spread(summaries.get(m, {}).get(k)) for m in mixes]]
+            for k in METRIC_NAMES]
+    verdicts = [[escape(b), *[_e(v.get(k)) for k in METRIC_NAMES]] for b, v in ev["verdicts"].items()]
+    sources = [[_e(g), _n(d.get("n_docs")), *[_mean_spread(d.get(m)) for m in mixes]] for g, d in ev["per_source"].items()]
+    return (f"<p>Small byte-level proxy models, {_n(ev['seeds'])} seeds per mix, each trained on "
+            f"{_n(ev['train_tokens'])} bytes of its mix, scored on held-out documents that no plan could draw. "
+            "Loss in bits per byte (lower is better): mean over seeds, with the range across seeds. "
+            "<b>macro</b>: the mean over groups; <b>worst</b>: the group with the highest loss.</p>"
+            + _table(["held-out loss", *[escape(m) for m in mixes]], rows)
+            + f"<h3>Verdict: {escape(ev['mix'])} against each baseline</h3>"
+            "<p>A difference inside the seed spread (the two ranges across seeds overlap) is reported as "
+            "no difference.</p>"
+            + _table(["baseline", *[escape(METRIC_NAMES[k]) for k in METRIC_NAMES]], verdicts)
+            + "<h3>Per source</h3>" + _table(["source", "held-out docs", *[escape(m) for m in mixes]], sources, (1,)))
+
+
 def _versions(d: dict[str, Any]) -> str:
     """``table@version`` for tables; other inputs (the raw corpus, a mixture file's hash) as ``key: value``."""
     return escape(", ".join(f"{k}@{v}" if isinstance(v, int) and not k.startswith("input") else f"{k}: {v}"
@@ -361,7 +393,7 @@ SECTIONS = (
     ("under", "Under-represented clusters"), ("domains", "Domains before and after"),
     ("draws", "Draws per document"), ("blend", "Blend: the final mix"),
     ("levels", "Balance per level: groups, then clusters"), ("dedup", "Duplicates removed"), ("quality", "Quality"),
-    ("search", "Mixture search"), ("run", "Run: stages, versions, config"),
+    ("search", "Mixture search"), ("evaluation", "Does this mix help?"), ("run", "Run: stages, versions, config"),
 )
 
 
@@ -372,7 +404,8 @@ def render(rep: dict[str, Any], figs: dict[str, str]) -> str:
         "accounting": _accounting(rep["accounting"]), "dedup": _dedup(rep), "clusters": _clusters(rep, figs),
         "under": _under(rep),
         "domains": _domains(rep, figs), "levels": _levels(rep), "draws": _draws(rep, figs), "blend": _blend(rep, figs),
-        "quality": _quality(rep, figs), "search": _search(rep, figs), "run": _run(rep, figs),
+        "quality": _quality(rep, figs), "search": _search(rep, figs), "evaluation": _evaluation(rep),
+        "run": _run(rep, figs),
     }
     outcome_cls = "ok" if run.get("outcome") == "succeeded" else "bad"
     error = f'<p class="bad">Error: {_e(run["error"])}</p>' if run.get("error") else ""

@@ -79,11 +79,11 @@ def _run_two_level(spark: SparkSession, cell_stats: DataFrame, assignments: Data
 
 def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     """The sample stage, on the versions of its inputs the runner pinned."""
-    from clustermix import kept, tableio
+    from clustermix import holdout, kept, tableio
 
     s, lake, cfg = ctx.spark, ctx.lake, ctx.cfg
     cells = (tableio.read(s, lake, "cell_stats", inputs["cell_stats"])
              if cfg.sample.balance == "groups_then_clusters" else None)
     return run_sample(s, tableio.read(s, lake, "cluster_stats", inputs["cluster_stats"]),
-                      kept.assignments(s, lake, inputs), tableio.read(s, lake, "docs", inputs["docs"]),
+                      kept.assignments(s, lake, inputs, holdout.of(cfg)), tableio.read(s, lake, "docs", inputs["docs"]),
                       cfg.sample, cfg.stats.min_share, cfg.spark.shuffle_partitions, ctx.write, cells)

@@ -95,11 +95,12 @@ def cell_stats(docs: DataFrame, assignments: DataFrame, group_column: str) -> Da
 
 def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     """The stats stage: ``cluster_stats`` on the pinned inputs, and the share summary (K numbers)."""
-    from clustermix import kept, tableio
+    from clustermix import holdout, kept, tableio
     from clustermix.clusterclip import share_summary
 
     s, lake, c = ctx.spark, ctx.lake, ctx.cfg.stats
-    docs, assignments = tableio.read(s, lake, "docs", inputs["docs"]), kept.assignments(s, lake, inputs)
+    docs = tableio.read(s, lake, "docs", inputs["docs"])
+    assignments = kept.assignments(s, lake, inputs, holdout.of(ctx.cfg))
     df = cluster_stats(docs, assignments, tableio.read(s, lake, "centroids", inputs["centroids"]), c.min_share,
                        c.n_exemplars)
     cells = cell_stats(docs, assignments, ctx.cfg.sample.group_column)  # checks the column before any write

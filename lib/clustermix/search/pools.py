@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from clustermix.config import SearchConfig
+    from clustermix.holdout import Holdout
     from clustermix.storage import S3Settings
 
 BLOCK_ROWS = 8192
@@ -107,8 +108,10 @@ def draw_target(scfg: SearchConfig, docs: tuple[list[str], list[int | None]], s3
     return out
 
 
-def _trainable_block(batch: pa.Table, *, held_out: Any, domain: str | None, tokenizer: str, seed: int) -> pa.Table:
-    """A block of docs -> (id, key, ptokens) of those a proxy may train on."""
+def _trainable_block(batch: pa.Table, *, held_out: Any, domain: str | None, tokenizer: str, seed: int,
+                     holdout: Holdout | None = None) -> pa.Table:
+    """A block of docs -> (id, key, ptokens) of those a proxy may train on (not a target text, not in
+    the target domain, not in the evaluation's ``holdout``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
@@ -119,6 +122,8 @@ def _trainable_block(batch: pa.Table, *, held_out: Any, domain: str | None, toke
         keep = pc.and_(keep, pc.or_kleene(pc.is_null(batch.column("domain")),
                                           pc.not_equal(batch.column("domain"), domain)))
     batch = batch.filter(pc.fill_null(keep, True))
+    if holdout is not None:
+        batch = batch.filter(pa.array(~holdout.mask(batch.column("id").to_pylist())))
     ids = batch.column("id").to_pylist()
     return pa.table({"id": pa.array(ids, pa.string()), "key": pa.array(seeded_keys(seed, ids), pa.int64()),
                      "ptokens": pa.array(token_counts(batch.column("text").to_pylist(), tokenizer), pa.int64())})
@@ -189,10 +194,12 @@ def _write_cluster(group: pa.Table, *, pool_uri: str, s3: S3Settings | None) -> 
 
 def draw_pools(scfg: SearchConfig, docs_uri: str, docs_version: int | None, assignments_uri: str,
                assignments_version: int | None, target: pa.Table, pool_tokens: int, pool_uri: str, partitions: int,
-               s3: S3Settings | None, duplicates: tuple[str, int | None] | None = None) -> dict[int, int]:
+               s3: S3Settings | None, duplicates: tuple[str, int | None] | None = None,
+               holdout: Holdout | None = None) -> dict[int, int]:
     """Write the pools (hive-partitioned by ``cluster_id``: rank, before, ptokens, text) under
     ``pool_uri``; return the trainable tokens per cluster (K numbers). ``duplicates``: the
-    ``semantic_duplicates`` table and its pinned version, whose ids no pool draws."""
+    ``semantic_duplicates`` table and its pinned version, whose ids no pool draws; ``holdout``: the
+    evaluation's hold-out, whose documents no pool draws either."""
     import pyarrow as pa
     import ray
     import ray.data
@@ -203,7 +210,7 @@ def draw_pools(scfg: SearchConfig, docs_uri: str, docs_version: int | None, assi
     trainable = ray.data.read_datasource(rayread.files_source(
         docs_files, docs_rows, ["id", "text", "domain", "text_hash"], BLOCK_ROWS, s3=s3)).map_batches(
         _trainable_block, fn_kwargs={"held_out": held_out, "domain": scfg.target_domain, "tokenizer": scfg.tokenizer,
-                                     "seed": scfg.seed}, batch_format="pyarrow", batch_size=None)
+                                     "seed": scfg.seed, "holdout": holdout}, batch_format="pyarrow", batch_size=None)
     members = ray.data.read_datasource(rayread.files_source(asg_files, asg_rows, ["id", "cluster_id"], BLOCK_ROWS,
                                                             s3=s3))
     if duplicates is not None and deltalog.num_records(*duplicates):

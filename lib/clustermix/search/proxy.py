@@ -177,16 +177,26 @@ def train_and_score(train_tokens: np.ndarray, target_tokens: np.ndarray, spec: P
     so scores differ by their data, not their luck); ``seed`` orders the training windows.
     Deterministic on CPU for a given thread count.
     """
+    t0 = time.time()
+    target = windows(target_tokens[: spec.target_max_tokens], spec.context)
+    if len(target) == 0:
+        raise ValueError("nothing to score (0 target windows)")
+    model, res = fit(train_tokens, spec, seed)
+    score = evaluate(model, target, spec)
+    return {"score": score, **res, "target_tokens": int(target[:, 1:].size), "seconds": round(time.time() - t0, 3)}
+
+
+def fit(train_tokens: np.ndarray, spec: ProxySpec, seed: int) -> tuple[torch.nn.ModuleDict, dict[str, Any]]:
+    """A fresh proxy trained for one pass over ``train_tokens``' windows in a ``seed``-shuffled order
+    (initialised from ``spec.init_seed``); with its last loss, steps, tokens, device and size."""
     import torch
 
-    t0 = time.time()
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     dev = _device(spec)
     train = windows(train_tokens, spec.context)
-    target = windows(target_tokens[: spec.target_max_tokens], spec.context)
-    if len(train) == 0 or len(target) == 0:
-        raise ValueError(f"nothing to train on or score ({len(train)} training, {len(target)} target windows)")
+    if len(train) == 0:
+        raise ValueError("nothing to train on (0 training windows)")
     rng = np.random.default_rng(seed)
     train = train[rng.permutation(len(train))]
     torch.manual_seed(spec.init_seed)
@@ -206,7 +216,38 @@ def train_and_score(train_tokens: np.ndarray, target_tokens: np.ndarray, spec: P
         opt.step()
         sched.step()
         last = loss.detach()
-    score = evaluate(model, target, spec)
-    return {"score": score, "train_loss": float(last), "steps": steps, "tokens": int(train[:, 1:].size),
-            "target_tokens": int(target[:, 1:].size), "device": dev, "seconds": round(time.time() - t0, 3),
-            "params": sum(p.numel() for p in model.parameters())}
+    return model, {"train_loss": float(last), "steps": steps, "tokens": int(train[:, 1:].size), "device": dev,
+                   "params": sum(p.numel() for p in model.parameters())}
+
+
+def doc_nats(model: torch.nn.ModuleDict, docs: list[np.ndarray], spec: ProxySpec) -> np.ndarray:
+    """Summed cross-entropy (nats) of each document's tokens, each predicted from :data:`SEP` and the
+    document's own earlier tokens (contexts of at most ``spec.context``, chunked without overlap)."""
+    import torch
+    import torch.nn.functional as F
+
+    xs, ys, owner = [], [], []
+    for i, toks in enumerate(docs):
+        seq = np.concatenate([[SEP], toks]).astype(np.int64)
+        for start in range(0, len(seq) - 1, spec.context):
+            x, y = seq[start : start + spec.context], seq[start + 1 : start + spec.context + 1]
+            xs.append(np.pad(x[: len(y)], (0, spec.context - len(y))))
+            ys.append(np.pad(y, (0, spec.context - len(y)), constant_values=-100))
+            owner.append(i)
+    out = np.zeros(len(docs), dtype=np.float64)
+    if not xs:
+        return out
+    dev = next(model.parameters()).device
+    sums = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(xs), 64):
+            xb = torch.as_tensor(np.stack(xs[i : i + 64]), device=dev)
+            yb = torch.as_tensor(np.stack(ys[i : i + 64]), device=dev)
+            out_logits = logits(model, xb, spec.n_heads)
+            nll = F.cross_entropy(out_logits.reshape(-1, out_logits.shape[-1]), yb.reshape(-1), ignore_index=-100,
+                                  reduction="none").reshape(yb.shape)
+            sums.append(nll.sum(dim=1).double().cpu().numpy())
+    model.train()
+    np.add.at(out, np.array(owner), np.concatenate(sums))
+    return out

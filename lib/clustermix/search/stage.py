@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clustermix import deltalog, deltars
+from clustermix import deltalog, deltars, holdout
 from clustermix import lake as lk
 from clustermix.errors import ConfigError, DataError
 from clustermix.manifest import write_json
@@ -117,7 +117,8 @@ def run_search(lake: Lake, cfg: Config, inputs: dict[str, int], run_id: str, wri
         dups = lake.table("semantic_duplicates")
         per = pools.draw_pools(scfg, lake.table("docs"), inputs.get("docs"), lake.table("assignments"),
                                inputs.get("assignments"), target, pool_tokens, pool_uri, partitions, s3,
-                               (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups) is not None else None)
+                               (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups) is not None else None,
+                               holdout.of(cfg))
         tokens = np.array([per.get(int(c), 0) for c in cluster_ids], dtype=np.int64)
         groups = None
         if scfg.merge_threshold is not None or scfg.merge_to is not None:
