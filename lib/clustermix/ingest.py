@@ -46,8 +46,8 @@ _INTEGRAL = r"^(TINYINT|SMALLINT|INT|BIGINT|DECIMAL\(\d+,0\))$"
 def classify(df: DataFrame, max_chars: int, chars_per_token: float, cached: list[DataFrame]) -> DataFrame:
     """Give every candidate record an ``outcome`` (accepted/duplicate/quarantined) and a reason.
 
-    The records are classified row by row (and persisted, in ``cached``: the caller unpersists them
-    once the result is counted), then the duplicates are found by windows over narrow rows only (a
+    The records are classified row by row (and persisted, in ``cached``, with the verdicts: the caller
+    unpersists them once it is done with the result, as the row keys are drawn on them), then the duplicates are found by windows over narrow rows only (a
     row key, id, text hash and the order of the records), never over the text or the raw line; their
     verdicts are joined back to the wide rows by the row key. A record quarantined before the windows
     (null id and hash) takes part in neither window nor join, so no task receives all of them; the
