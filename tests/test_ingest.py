@@ -136,3 +136,139 @@ def test_k_above_the_accepted_documents_fails_right_after_ingest(tmp_path, spark
         run_stages(cfg, spark=spark)
     assert deltalog.version(str(tmp_path / "lake" / "docs")) is not None
     assert deltalog.version(str(tmp_path / "lake" / "embeddings")) is None  # failed before embedding anything
+
+
+def write_planted_duplicates(folder: Path, seed: int = 3) -> list[tuple[str, str]]:
+    """Three files of records with planted duplicates: texts under new ids, ids again with their text
+    or another, records without an id, bad lines; returns (file name, line) in file order."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = [f"planted text {i} " + "word " * rng.randrange(1, 20) for i in range(40)]
+    out: list[tuple[str, str]] = []
+    for f in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        lines = []
+        for _ in range(150):
+            r = rng.random()
+            if r < 0.1:
+                line = rng.choice(['{"id": "x", "text": ', "not json", '{"id": "m"}', '{"id": "b", "text": " "}'])
+            elif r < 0.2:
+                line = json.dumps({"text": rng.choice(texts)})  # no id: its content hash
+            else:  # few ids and texts: every kind of clash, in every order
+                line = json.dumps({"id": f"i{rng.randrange(60)}", "text": rng.choice(texts)})
+            lines.append(line)
+        # a text first seen as a duplicate_id, then under a new id: the new id's record is a duplicate of
+        # the clashing id (the rule as it has always been: the first record of a text names it)
+        lines += [json.dumps({"id": "k1", "text": f"{f} kept"}), json.dumps({"id": "k1", "text": f"{f} clash"}),
+                  json.dumps({"id": "k2", "text": f"{f} clash"})]
+        (folder / f).write_text("\n".join(lines) + "\n")
+        out += [(f, ln) for ln in lines]
+    return out
+
+
+def old_rule(records: list[tuple[str, str]]) -> dict[str, list[tuple[str, ...]]]:
+    """The duplicate rule, record by record in file order: an id's first record wins (a later one with
+    its text is a duplicate of it, with another text a duplicate_id); a record that is not an id's
+    repeat is a duplicate of the id of its text's first record, when there is an earlier one."""
+    import hashlib
+
+    first_hash: dict[str, str] = {}
+    first_id: dict[str, str] = {}
+    out: dict[str, list[tuple[str, ...]]] = {"docs": [], "duplicates": [], "quarantine": []}
+    for f, line in records:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            out["quarantine"].append((line, "malformed_json" if rec is None else "missing_text", f))
+            continue
+        if not rec["text"].strip():
+            out["quarantine"].append((line, "blank_text", f))
+            continue
+        h = hashlib.sha256(rec["text"].encode()).hexdigest()
+        rid = rec.get("id") or h[:24]
+        repeat = rid in first_hash
+        if repeat and first_hash[rid] == h:
+            out["duplicates"].append((rid, rid, f))
+        elif repeat:
+            out["quarantine"].append((line, "duplicate_id", f))
+        else:
+            first_hash[rid] = h
+        if h in first_id and not repeat:
+            out["duplicates"].append((rid, first_id[h], f))
+        elif not repeat:
+            out["docs"].append((rid, h, f))
+        first_id.setdefault(h, rid)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _tables(spark, lake) -> dict[str, list[tuple[str, ...]]]:
+    cols = {"docs": ("id", "text_hash", "source_file"), "duplicates": ("id", "duplicate_of", "source_file"),
+            "quarantine": ("raw", "reason", "source_file")}
+    return {name: sorted(tuple(Path(v).name if c == "source_file" else v for c, v in zip(cs, r, strict=True))
+                         for r in tableio.read(spark, lake, name).select(*cs).collect())
+            for name, cs in cols.items()}
+
+
+@pytest.mark.parametrize("partitions, split_bytes", [(1, None), (3, 2048), (16, 700)])
+def test_duplicates_follow_the_rule_at_any_partition_count(tmp_path, spark, monkeypatch, partitions, split_bytes):
+    """The same docs, duplicates and quarantine whatever the number of shuffle partitions and of input
+    splits (a file read in many blocks): those of the rule applied record by record in file order."""
+    from clustermix import ingest
+
+    records = write_planted_duplicates(tmp_path / "in")
+    monkeypatch.setattr(ingest, "partitions_for", lambda *a: partitions)
+    key, before = "spark.sql.files.maxPartitionBytes", spark.conf.get("spark.sql.files.maxPartitionBytes")
+    if split_bytes:
+        spark.conf.set(key, str(split_bytes))
+    try:
+        run = run_stages(make_config(tmp_path / "lake", str(tmp_path / "in")), ("ingest",), spark=spark)
+    finally:
+        spark.conf.set(key, before)
+    expected = old_rule(records)
+    reasons = {r[1] for r in expected["quarantine"]}
+    assert reasons == {"malformed_json", "missing_text", "blank_text", "duplicate_id"}
+    assert {d for d in expected["duplicates"] if d[0] == d[1]} and {d for d in expected["duplicates"] if d[0] != d[1]}
+    assert ("k2", "k1", "a.jsonl") in expected["duplicates"]
+    assert _tables(spark, run.lake) == expected
+
+
+def _plan_nodes(node):  # a JVM SparkPlan and every node under it, in the plans of the caches it reads too
+    if node.nodeName() == "AdaptiveSparkPlan":
+        node = node.inputPlan()
+    yield node
+    if node.nodeName() == "InMemoryTableScan":
+        yield from _plan_nodes(node.relation().cachedPlan())
+    children = node.children()
+    for i in range(children.size()):
+        yield from _plan_nodes(children.apply(i))
+
+
+def test_dedup_windows_see_neither_text_nor_raw_line(tmp_path, spark):
+    """The windows that find duplicates run over narrow rows: no column of theirs is the text or the raw
+    line; neither do the quarantined records (null id and hash) reach them."""
+    from clustermix import readers
+    from clustermix.ingest import classify
+    from clustermix.inputs import resolve_input
+
+    write_planted_duplicates(tmp_path / "in")
+    cfg = make_config(tmp_path / "lake", str(tmp_path / "in"))
+    cached: list = []
+    df = classify(readers.candidates(spark, resolve_input(cfg, str(tmp_path / "lake")), cfg.input), 500, 4.0, cached)
+    try:
+        plan = df._jdf.queryExecution().executedPlan()
+        windows = list({n.toString(): n for n in _plan_nodes(plan) if n.nodeName() == "Window"}.values())
+        assert len(windows) == 2  # the verdicts' plan is read in two places
+        for w in windows:
+            cols = {w.output().apply(i).name() for i in range(w.output().size())}
+            assert {"id", "text_hash", "source_file"} <= cols
+            assert not cols & {"raw", "_text", "_line", "domain"}, cols
+            filters = [n.condition().toString() for n in _plan_nodes(w.child()) if n.nodeName() == "Filter"]
+            assert any("isnull(reason" in f for f in filters), filters
+        assert df.where("outcome = 'accepted' AND raw IS NOT NULL").count() == 0
+        assert df.where("outcome = 'quarantined' AND raw IS NULL").count() == 0
+    finally:
+        for c in cached:
+            c.unpersist()

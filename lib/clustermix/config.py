@@ -99,6 +99,10 @@ class IngestConfig(_Section):
     # the rest and records it in the bad_files table (a landing folder's bad upload must not stop every
     # night); "fail" stops before anything is written (clustermix.badfiles)
     on_bad_file: Literal["skip", "fail"] = "skip"
+    # ingest's shuffles (its duplicate windows and joins, MinHash) get one partition per this many MiB of
+    # usable input (bytes as stored: compressed files count compressed), at least one per core of the
+    # cluster; spark.shuffle_partitions sizes the other stages
+    partition_mb: int = Field(128, ge=1)
 
 
 class EmbedConfig(_Section):

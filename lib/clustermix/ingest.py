@@ -11,6 +11,7 @@ JSON lines are parsed with Spark's VARIANT functions, so no Python runs per reco
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from clustermix import contracts
@@ -19,8 +20,11 @@ from clustermix.inputs import InputSpec, resolve_input
 from clustermix.readers import SOURCE_KEY, spark_source_uris, sql_in
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pyspark.sql import DataFrame, SparkSession
 
+    from clustermix.badfiles import Checked
     from clustermix.config import Config
     from clustermix.lake import Lake
     from clustermix.stage import Context
@@ -39,9 +43,16 @@ _NUMERIC = r"^(TINYINT|SMALLINT|INT|BIGINT|FLOAT|DOUBLE|DECIMAL.*)$"
 _INTEGRAL = r"^(TINYINT|SMALLINT|INT|BIGINT|DECIMAL\(\d+,0\))$"
 
 
-def classify(df: DataFrame, max_chars: int, chars_per_token: float) -> DataFrame:
-    """Give every candidate record an ``outcome`` (accepted/duplicate/quarantined) and a reason."""
-    from pyspark.sql import Window
+def classify(df: DataFrame, max_chars: int, chars_per_token: float, cached: list[DataFrame]) -> DataFrame:
+    """Give every candidate record an ``outcome`` (accepted/duplicate/quarantined) and a reason.
+
+    The records are classified row by row (and persisted, in ``cached``, with the verdicts: the caller
+    unpersists them once it is done with the result, as the row keys are drawn on them), then the duplicates are found by windows over narrow rows only (a
+    row key, id, text hash and the order of the records), never over the text or the raw line; their
+    verdicts are joined back to the wide rows by the row key. A record quarantined before the windows
+    (null id and hash) takes part in neither window nor join, so no task receives all of them; the
+    raw line is carried only by quarantined records."""
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     text = F.col("_text")
@@ -68,32 +79,64 @@ def classify(df: DataFrame, max_chars: int, chars_per_token: float) -> DataFrame
     df = df.withColumn("reason", reason).withColumn("text_hash", F.when(reason.isNull(), text_hash))
     df = df.withColumn("id", F.when(F.col("reason").isNull(),
                                     F.coalesce(F.col("_id"), F.substring("text_hash", 1, 24))))
-    order: list[Any] = ["source_file", "_block", "_row"]
-    if prior:
-        order = [F.col("_prior").desc(), *order]
+    # the row key is drawn once, on the persisted records: every branch below reads the same values
+    df = df.withColumn(KEY, F.monotonically_increasing_id()).persist(StorageLevel.MEMORY_AND_DISK)
+    cached.append(df)
     valid = F.col("reason").isNull()
-    # An id's first record wins; a later one with the same text is a duplicate, other text is quarantined.
-    w_id = Window.partitionBy("id").orderBy(*order)
-    df = df.withColumn("_id_rn", F.when(valid, F.row_number().over(w_id))) \
-           .withColumn("_id_first_hash", F.when(valid, F.first("text_hash").over(w_id))) \
-           .withColumn("_id_first", F.when(valid, F.first("id").over(w_id)))
-    id_clash = valid & (F.col("_id_rn") > 1) & (F.col("text_hash") != F.col("_id_first_hash"))
-    id_dup = valid & (F.col("_id_rn") > 1) & (F.col("text_hash") == F.col("_id_first_hash"))
-    df = df.withColumn("reason", F.when(id_clash, F.lit("duplicate_id")).otherwise(F.col("reason")))
-    survivor = F.col("reason").isNull() & ~id_dup
-    w_hash = Window.partitionBy("text_hash").orderBy(*order)
-    df = df.withColumn("_survivor", survivor) \
-           .withColumn("_h_rn", F.when(survivor, F.row_number().over(w_hash))) \
-           .withColumn("_h_first", F.when(survivor, F.first("id").over(w_hash)))
-    outcome = (
-        F.when(F.col("reason").isNotNull(), "quarantined")
-        .when(id_dup | (F.col("_h_rn") > 1), "duplicate")
-        .otherwise("accepted")
-    )
-    return df.withColumn("outcome", outcome).withColumn(
-        "duplicate_of", F.when(id_dup, F.col("_id_first")).when(F.col("_h_rn") > 1, F.col("_h_first"))
-    ).withColumn("n_chars", F.char_length(text).cast("bigint")).withColumn(
+    order = ["source_file", "_block", "_row", *(["_prior"] if prior else [])]
+    # the verdicts (and the keys of the duplicate_ids among them) are persisted and counted before they
+    # are joined: their size is then known, so a small side is broadcast and the wide rows stay put
+    verdicts = dedup_verdicts(df.where(valid).select(KEY, "id", "text_hash", *order)).persist(
+        StorageLevel.MEMORY_AND_DISK)
+    clash_keys = verdicts.where(F.col("reason") == "duplicate_id").select(KEY, "reason", "outcome").persist(
+        StorageLevel.MEMORY_AND_DISK)
+    cached += [verdicts, clash_keys]
+    clash_keys.count()
+    accepted_or_duplicate = df.where(valid).drop("raw", "reason").join(verdicts, KEY, "left").where(
+        F.col("reason").isNull()).withColumn("outcome", F.coalesce("outcome", F.lit("accepted")))
+    # a duplicate_id is quarantined with its raw line: only those records' lines are joined (by a
+    # broadcast of their keys unless there are millions)
+    clashes = df.where(valid).select(KEY, "raw", "source_file", *(["_prior"] if prior else [])).join(
+        clash_keys, KEY)
+    bad = df.where(~valid).withColumn("outcome", F.lit("quarantined"))
+    out = bad.unionByName(accepted_or_duplicate, allowMissingColumns=True).unionByName(
+        clashes, allowMissingColumns=True)
+    return out.drop(KEY).withColumn("n_chars", F.char_length(text).cast("bigint")).withColumn(
         "n_tokens", F.ceil(F.char_length(text) / F.lit(chars_per_token)).cast("bigint"))
+
+
+KEY = "_key"  # a record's row key within one classification (a bigint drawn on the persisted records)
+
+
+def dedup_verdicts(narrow: DataFrame) -> DataFrame:
+    """The verdicts of the duplicate rule on narrow rows (``_key``, ``id``, ``text_hash`` and the order
+    columns ``source_file``, ``_block``, ``_row``, and ``_prior`` in a refresh) of valid records: one
+    row (``_key``, ``outcome``, ``reason``, ``duplicate_of``) per record that is not accepted.
+
+    An id's first record wins; a later one with the same text is a duplicate of it, with another text
+    a ``duplicate_id`` (quarantined). Among the records that are not an id's repeat, a text's first
+    record wins and a later one is a duplicate of the id of the text's first record (of any record,
+    repeats included). A refresh's ``_prior`` rows come first in both windows."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    order: list[Any] = ["source_file", "_block", "_row"]
+    if "_prior" in narrow.columns:
+        order = [F.col("_prior").desc(), *order]
+    w_id = Window.partitionBy("id").orderBy(*order)
+    df = narrow.withColumn("_id_rn", F.row_number().over(w_id)) \
+               .withColumn("_id_first_hash", F.first("text_hash").over(w_id))
+    repeat = F.col("_id_rn") > 1
+    id_clash = repeat & (F.col("text_hash") != F.col("_id_first_hash"))
+    id_dup = repeat & (F.col("text_hash") == F.col("_id_first_hash"))
+    w_hash = Window.partitionBy("text_hash").orderBy(*order)
+    df = df.withColumn("_h_rn", F.row_number().over(w_hash)).withColumn("_h_first", F.first("id").over(w_hash))
+    h_dup = ~repeat & (F.col("_h_rn") > 1)
+    return df.where(repeat | h_dup).select(
+        KEY,
+        F.when(id_clash, "quarantined").otherwise("duplicate").alias("outcome"),
+        F.when(id_clash, F.lit("duplicate_id")).alias("reason"),
+        F.when(id_dup, F.col("id")).when(h_dup, F.col("_h_first")).alias("duplicate_of"))
 
 
 class NearMarker:
@@ -133,12 +176,13 @@ class NearMarker:
         found = self._cache(found.persist(StorageLevel.MEMORY_AND_DISK))
         self.signatures = sigs.join(found, "id", "left_anti")
         # only the accepted record of an id is marked: an exact duplicate of it shares its id
-        near = F.col("_near")
-        return df.join(found, "id", "left").withColumn(
-            "_near", (F.col("outcome") == "accepted") & F.col("_near_of").isNotNull()).withColumn(
+        # (the others, quarantined ones with a null id among them, are not joined: no task gets them all)
+        near = F.col("_near_of").isNotNull()
+        is_accepted = F.col("outcome") == "accepted"
+        marked = df.where(is_accepted).join(found, "id", "left").withColumn(
             "duplicate_of", F.when(near, F.col("_near_of")).otherwise(F.col("duplicate_of"))).withColumn(
-            "outcome", F.when(near, F.lit("near_duplicate")).otherwise(F.col("outcome"))).withColumn(
-            "jaccard", F.when(near, F.col("jaccard"))).drop("_near_of", "_near")
+            "outcome", F.when(near, F.lit("near_duplicate")).otherwise(F.col("outcome"))).drop("_near_of")
+        return marked.unionByName(df.where(~is_accepted).withColumn("jaccard", F.lit(None).cast("double")))
 
     def _cache(self, df: DataFrame) -> DataFrame:
         self._cached.append(df)
@@ -168,21 +212,58 @@ def run_ingest(spark: SparkSession, cfg: Config, spec: InputSpec, run_id: str, w
 
     checked = badfiles.check_input(spark, cfg, spec, write.lake, run_id)  # under fail: raises, writes nothing
     marker = NearMarker(cfg)
-    df, counts, per_file, checked = badfiles.read_counted(
-        spark, checked, cfg, lambda c: marker(classify(c, cfg.ingest.max_chars, cfg.ingest.chars_per_token)))
-    try:
-        versions = {name: write(name, contracts.check(frame, name)) for name, frame in _outputs(df, run_id).items()}
-        versions[SIGNATURES] = write(SIGNATURES, marker.frame(spark, run_id))
-    finally:
-        df.unpersist()
-        marker.release()
-        checked.cleanup(write.lake)
+    cached: list[DataFrame] = []
+    # the records as read stay persisted until the end: unpersisting them could make Spark plan the
+    # classified records again, and a new plan draws new row keys
+    with shuffle_partitions(spark, partitions_for(spark, cfg, checked)):
+        try:
+            df, counts, per_file, checked = badfiles.read_counted(spark, checked, cfg, lambda c: marker(
+                classify(c, cfg.ingest.max_chars, cfg.ingest.chars_per_token, cached)))
+            try:
+                versions = {name: write(name, contracts.check(frame, name))
+                            for name, frame in _outputs(df, run_id).items()}
+                versions[SIGNATURES] = write(SIGNATURES, marker.frame(spark, run_id))
+            finally:
+                df.unpersist()
+        finally:
+            marker.release()
+            _release(cached)
+            checked.cleanup(write.lake)
     result = {**_result(counts, versions), **badfiles.file_counts(checked, per_file)}
     verify_accounting(result, write.lake)
     versions[badfiles.TABLE] = write(badfiles.TABLE, contracts.check(badfiles.frame(spark, checked, result, run_id),
                                                                      badfiles.TABLE))
     badfiles.verify(result, write.lake)
     return result
+
+
+def partitions_for(spark: SparkSession, cfg: Config, checked: Checked) -> int:
+    """Shuffle partitions for ingest: one per ``ingest.partition_mb`` of the usable input files (bytes as
+    stored), at least Spark's default parallelism (a task per core)."""
+    size = sum(v.size for v in checked.verdicts if v.status != "skipped")
+    return max(spark.sparkContext.defaultParallelism, -(-size // (cfg.ingest.partition_mb << 20)))
+
+
+@contextmanager
+def shuffle_partitions(spark: SparkSession, n: int) -> Iterator[None]:
+    """``spark.sql.shuffle.partitions`` is ``n`` inside the block (ingest's joins, windows and MinHash),
+    as it was (``spark.shuffle_partitions``) after it."""
+    key = "spark.sql.shuffle.partitions"
+    before = spark.conf.get(key)
+    spark.conf.set(key, str(n))
+    log.info("ingest: %d shuffle partitions", n)
+    try:
+        yield
+    finally:
+        if before is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, before)
+
+
+def _release(cached: list[DataFrame]) -> None:
+    while cached:
+        cached.pop().unpersist()
 
 
 def _outputs(df: DataFrame, run_id: str) -> dict[str, DataFrame]:
@@ -299,21 +380,27 @@ def run_ingest_increment(spark: SparkSession, cfg: Config, spec: InputSpec, run_
     replaced = sql_in(SOURCE_KEY, spark_source_uris(spark, list(spec.files)))
 
     marker = NearMarker(cfg, _prior_signatures(spark, lake, cfg, replaced))
+    cached: list[DataFrame] = []
 
     def classified(records: DataFrame) -> DataFrame:
         new = records.withColumn("_prior", F.lit(False))
         both = new.unionByName(_prior_rows(spark, lake, new, replaced))
-        return marker(classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token).where(~F.col("_prior")))
+        return marker(classify(both, cfg.ingest.max_chars, cfg.ingest.chars_per_token, cached).where(
+            ~F.col("_prior")))
 
-    df, counts, per_file, checked = badfiles.read_counted(spark, checked, cfg, classified)
-    try:
-        versions = {name: write(name, contracts.check(frame, name), replace_where=replaced)
-                    for name, frame in _outputs(df, run_id).items()}
-        versions[SIGNATURES] = write(SIGNATURES, marker.frame(spark, run_id), replace_where=replaced)
-    finally:
-        df.unpersist()
-        marker.release()
-        checked.cleanup(lake)
+    with shuffle_partitions(spark, partitions_for(spark, cfg, checked)):
+        try:
+            df, counts, per_file, checked = badfiles.read_counted(spark, checked, cfg, classified)
+            try:
+                versions = {name: write(name, contracts.check(frame, name), replace_where=replaced)
+                            for name, frame in _outputs(df, run_id).items()}
+                versions[SIGNATURES] = write(SIGNATURES, marker.frame(spark, run_id), replace_where=replaced)
+            finally:
+                df.unpersist()
+        finally:
+            marker.release()
+            _release(cached)
+            checked.cleanup(lake)
     result = {**_result(counts, versions), **badfiles.file_counts(checked, per_file)}
     # count what the committed versions hold from these files (commit metrics would also count rows
     # Delta copied while rewriting a file)
