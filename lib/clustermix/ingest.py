@@ -114,9 +114,10 @@ def dedup_verdicts(narrow: DataFrame) -> DataFrame:
     row (``_key``, ``outcome``, ``reason``, ``duplicate_of``) per record that is not accepted.
 
     An id's first record wins; a later one with the same text is a duplicate of it, with another text
-    a ``duplicate_id`` (quarantined). Among the records that are not an id's repeat, a text's first
-    record wins and a later one is a duplicate of the id of the text's first record (of any record,
-    repeats included). A refresh's ``_prior`` rows come first in both windows."""
+    a ``duplicate_id`` (quarantined). Among the records that are an id's first, a text's first record
+    wins and a later one is a duplicate of its id: a quarantined repeat never names a text, so a text
+    first seen under a clashing id and later under a new id is accepted under the new one. A refresh's
+    ``_prior`` rows come first in both windows."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -127,16 +128,19 @@ def dedup_verdicts(narrow: DataFrame) -> DataFrame:
     df = narrow.withColumn("_id_rn", F.row_number().over(w_id)) \
                .withColumn("_id_first_hash", F.first("text_hash").over(w_id))
     repeat = F.col("_id_rn") > 1
-    id_clash = repeat & (F.col("text_hash") != F.col("_id_first_hash"))
-    id_dup = repeat & (F.col("text_hash") == F.col("_id_first_hash"))
-    w_hash = Window.partitionBy("text_hash").orderBy(*order)
-    df = df.withColumn("_h_rn", F.row_number().over(w_hash)).withColumn("_h_first", F.first("id").over(w_hash))
-    h_dup = ~repeat & (F.col("_h_rn") > 1)
-    return df.where(repeat | h_dup).select(
+    id_clash = F.col("text_hash") != F.col("_id_first_hash")
+    repeats = df.where(repeat).select(
         KEY,
         F.when(id_clash, "quarantined").otherwise("duplicate").alias("outcome"),
         F.when(id_clash, F.lit("duplicate_id")).alias("reason"),
-        F.when(id_dup, F.col("id")).when(h_dup, F.col("_h_first")).alias("duplicate_of"))
+        F.when(~id_clash, F.col("id")).alias("duplicate_of"))
+    w_hash = Window.partitionBy("text_hash").orderBy(*order)
+    firsts = df.where(~repeat).withColumn("_h_rn", F.row_number().over(w_hash)) \
+               .withColumn("_h_first", F.first("id").over(w_hash))
+    h_dups = firsts.where(F.col("_h_rn") > 1).select(
+        KEY, F.lit("duplicate").alias("outcome"), F.lit(None).cast("string").alias("reason"),
+        F.col("_h_first").alias("duplicate_of"))
+    return repeats.unionByName(h_dups)
 
 
 class NearMarker:
