@@ -58,6 +58,10 @@ def ingested(tmp_path_factory: Any, spark: Any) -> tuple[Any, Any, dict[str, str
     truth = planted(root / "in")
     cfg = make_config(root / "lake", str(root / "in"), dedup=NEAR_ON)
     run = run_stages(cfg, ("ingest",), spark=spark)
+    # the groups' rounds were checkpointed reliably under the run's staging folder, removed after it
+    assert spark.conf.get("spark.clustermix.checkpointDirSet", "").startswith(f"{root / 'lake'}/_staging/checkpoints/")
+    assert spark.conf.get(minhash.CHECKPOINT_DIR_CONF, None) is None
+    assert not [p for p in (root / "lake" / "_staging").rglob("*") if p.is_file()]
     return cfg, run, truth
 
 

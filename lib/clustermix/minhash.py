@@ -119,11 +119,23 @@ def matches(pairs: DataFrame, sigs: DataFrame, threshold: float) -> DataFrame:
     return joined.where(agreement(F.col("_sa"), F.col("_sb")) >= threshold).select("a", "b")
 
 
+# the folder a run gives its checkpoints (a session setting, so a session outside a run has none)
+CHECKPOINT_DIR_CONF = "spark.clustermix.checkpointDir"
+_CHECKPOINT_DIR_SET = "spark.clustermix.checkpointDirSet"
+
+
 def cut(df: DataFrame) -> DataFrame:
-    """``df`` computed once and cut from its lineage: a reliable checkpoint in the session's checkpoint
-    folder when it has one (a run sets it under the lake), else a local one (executors' storage)."""
-    if df.sparkSession.sparkContext.getCheckpointDir() is None:
+    """``df`` computed once and cut from its lineage: a reliable checkpoint in the folder of
+    :data:`CHECKPOINT_DIR_CONF` when the session has one (a run sets it under the lake), else a local
+    one (executors' storage, lost with an executor). The folder is made on the first checkpoint only,
+    so a run that makes none leaves nothing behind."""
+    spark = df.sparkSession
+    folder = spark.conf.get(CHECKPOINT_DIR_CONF, None)
+    if not folder:
         return df.localCheckpoint()
+    if spark.conf.get(_CHECKPOINT_DIR_SET, None) != folder:
+        spark.sparkContext.setCheckpointDir(folder)
+        spark.conf.set(_CHECKPOINT_DIR_SET, folder)
     return df.checkpoint(eager=True)  # eager: one job computes df and writes it (no second pass)
 
 

@@ -76,8 +76,10 @@ class Run:
     def _use_checkpoints(self, spark: SparkSession) -> None:
         """Spark checkpoints of this run (the MinHash groups' rounds) go under the lake's staging folder:
         files every executor can read, so losing one executor loses no round (a local checkpoint would)."""
+        from clustermix.minhash import CHECKPOINT_DIR_CONF
+
         self._checkpoints = self.lake.staging("checkpoints", self.run_id)
-        spark.sparkContext.setCheckpointDir(lk.spark_path(self._checkpoints))
+        spark.conf.set(CHECKPOINT_DIR_CONF, lk.spark_path(self._checkpoints))
 
     def _spark_if_started(self) -> SparkSession | None:
         return self._spark
@@ -92,6 +94,10 @@ class Run:
         while self._ahead:
             self._ahead.popitem()[1].join()
         if self._checkpoints is not None:
+            from clustermix.minhash import CHECKPOINT_DIR_CONF
+
+            if self._spark is not None:
+                self._spark.conf.unset(CHECKPOINT_DIR_CONF)  # a later run of this session sets its own
             self.lake.remove(self._checkpoints)
 
     @property
