@@ -138,13 +138,7 @@ def draw(docs: tuple[str, int | None], assignments: tuple[str, int | None],
     import ray.data
 
     docs_files, docs_rows = deltalog.file_counts(*docs)
-    asg_files, asg_rows = deltalog.file_counts(*assignments)
-    members = ray.data.read_datasource(rayread.files_source(asg_files, asg_rows, ["id", "cluster_id"], BLOCK_ROWS,
-                                                            s3=s3))
-    if duplicates is not None and deltalog.num_records(*duplicates):
-        dup_files, dup_rows = deltalog.file_counts(*duplicates)
-        dups = ray.data.read_datasource(rayread.files_source(dup_files, dup_rows, ["id"], BLOCK_ROWS, s3=s3))
-        members = members.join(dups, join_type="left_anti", num_partitions=partitions, on=("id",))
+    members = rayread.kept_members(assignments, duplicates, BLOCK_ROWS, partitions, s3)
     texts = ray.data.read_datasource(rayread.files_source(docs_files, docs_rows, ["id", "text", "domain"], BLOCK_ROWS,
                                                           s3=s3))
     joined = members.join(texts, join_type="inner", num_partitions=partitions, on=("id",))

@@ -75,3 +75,21 @@ def files_source(files: list[str], rows: list[int | None], columns: list[str], b
                     for f, n in zip(files, rows, strict=True) if n != 0]
 
     return ParquetFiles()
+
+
+def kept_members(assignments: tuple[str, int | None], duplicates: tuple[str, int | None] | None,
+                 block_rows: int, partitions: int, s3: S3Settings | None) -> Any:
+    """``(id, cluster_id)`` of ``assignments`` at its pinned version less the ids of the semantic
+    ``duplicates`` table at its pinned version (no join when it has none), as a Ray dataset: the Ray
+    side of :func:`clustermix.kept.assignments`."""
+    import ray.data
+
+    from clustermix import deltalog
+
+    asg_files, asg_rows = deltalog.file_counts(*assignments)
+    members = ray.data.read_datasource(files_source(asg_files, asg_rows, ["id", "cluster_id"], block_rows, s3=s3))
+    if duplicates is not None and deltalog.num_records(*duplicates):
+        dup_files, dup_rows = deltalog.file_counts(*duplicates)
+        dups = ray.data.read_datasource(files_source(dup_files, dup_rows, ["id"], block_rows, s3=s3))
+        members = members.join(dups, join_type="left_anti", num_partitions=partitions, on=("id",))
+    return members

@@ -205,18 +205,12 @@ def draw_pools(scfg: SearchConfig, docs_uri: str, docs_version: int | None, assi
     import ray.data
 
     docs_files, docs_rows = deltalog.file_counts(docs_uri, docs_version)
-    asg_files, asg_rows = deltalog.file_counts(assignments_uri, assignments_version)
     held_out = ray.put(pa.array(sorted(set(target.column("text_hash").to_pylist())), pa.string()))
     trainable = ray.data.read_datasource(rayread.files_source(
         docs_files, docs_rows, ["id", "text", "domain", "text_hash"], BLOCK_ROWS, s3=s3)).map_batches(
         _trainable_block, fn_kwargs={"held_out": held_out, "domain": scfg.target_domain, "tokenizer": scfg.tokenizer,
                                      "seed": scfg.seed, "holdout": holdout}, batch_format="pyarrow", batch_size=None)
-    members = ray.data.read_datasource(rayread.files_source(asg_files, asg_rows, ["id", "cluster_id"], BLOCK_ROWS,
-                                                            s3=s3))
-    if duplicates is not None and deltalog.num_records(*duplicates):
-        dup_files, dup_rows = deltalog.file_counts(*duplicates)
-        dups = ray.data.read_datasource(rayread.files_source(dup_files, dup_rows, ["id"], BLOCK_ROWS, s3=s3))
-        members = members.join(dups, join_type="left_anti", num_partitions=partitions, on=("id",))
+    members = rayread.kept_members((assignments_uri, assignments_version), duplicates, BLOCK_ROWS, partitions, s3)
     joined = members.join(trainable, join_type="inner", num_partitions=partitions, on=("id",))
     pools = joined.map_batches(_block_prefix, fn_kwargs={"pool_tokens": pool_tokens}, batch_format="pyarrow",
                                batch_size=None).groupby("cluster_id").map_groups(
