@@ -187,3 +187,38 @@ def test_by_position_range_gives_contiguous_sorted_partitions(spark):
     runs = [p for p in parts if p]
     assert all(run == list(range(run[0], run[0] + len(run))) for run in runs)  # each one sorted, contiguous
     assert sorted(p for run in runs for p in run) == list(range(n_rows))
+
+
+def test_mixture_blend_realises_the_searched_token_shares(spark, tables, tmp_path):
+    """blend.mode=mixture, mixture_fit=exact: the blend's token shares per cluster are the file's
+    weights although one weight is more than the clip lets a small cluster give at this budget; the
+    old fill moves that weight to the other clusters. Both record searched against realised."""
+    import json
+
+    from pyspark.sql import functions as F
+
+    from clustermix.blend import cluster_tokens, mixture_realised
+
+    members, docs = tables
+    stats = (members.join(docs, "id").groupBy("cluster_id")
+             .agg(F.count("*").alias("n_docs"), F.sum("n_tokens").alias("n_tokens"),
+                  F.lit(None).cast("double").alias("quality_mean"),
+                  F.lit(None).cast("map<string,bigint>").alias("domains")))
+    path = tmp_path / "mixture.json"
+    path.write_text(json.dumps({"weights": {"0": 0.3, "1": 0.2, "2": 0.1, "3": 0.4}}))
+    scfg = SampleConfig(budget=100, clip=4, order="stratified")
+    lake = lk.Lake(str(tmp_path / "lake"))
+    writer = tableio.TableWriter(lake, {"test": True})
+    out = {}
+    for fit in ("exact", "fill"):
+        bcfg = BlendConfig(mode="mixture", mixture_path=str(path), mixture_fit=fit)
+        info = run_blend(spark, stats, members, docs, None, bcfg, scfg, 2, writer, plan_rows=0)
+        m = info["mixture"]
+        m.update(mixture_realised(m["searched"], cluster_tokens(writer.read("blended"))))
+        out[fit] = (m, writer.read("blended").groupBy("cluster_id").count().collect())
+        assert m["searched"] == {"0": 0.3, "1": 0.2, "2": 0.1, "3": 0.4} and m["fit"] == fit
+    exact, fill = out["exact"][0], out["fill"][0]
+    assert exact["limited_by_cluster"] == 3 and exact["scale"] < 1
+    assert {r["cluster_id"]: r["count"] for r in out["exact"][1]}[3] == 4 * 5  # cluster 3 at its clip
+    assert exact["total_variation"] < 0.03, exact
+    assert fill["total_variation"] > 0.15, fill  # clipped cluster 3's weight went elsewhere

@@ -120,3 +120,78 @@ def test_draws_histogram_from_the_allocation():
     hist = draws_histogram(np.array([10, 4, 0]), np.array([23, 2, 0]))
     assert hist == {"0": 2, "1": 2, "2": 7, "3": 3}
     assert sum(int(k) * v for k, v in hist.items()) == 25
+
+
+def _sizes(n_docs: np.ndarray, mean_len: np.ndarray):
+    from clustermix.clusterclip import ClusterSizes
+
+    n_docs = np.asarray(n_docs, dtype=np.int64)
+    return ClusterSizes(np.arange(len(n_docs), dtype=np.int64), n_docs,
+                        np.rint(n_docs * np.asarray(mean_len, dtype=np.float64)).astype(np.int64),
+                        np.full(len(n_docs), np.nan), [{} for _ in n_docs])
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=sizes_st, clip=st.integers(1, 6), budget=st.integers(1, 20000), seed=st.integers(0, 2**16),
+       unit=st.sampled_from(["docs", "tokens"]))
+def test_a_searched_mixture_is_realised_as_token_shares_or_scaled_down_whole(sizes, clip, budget, seed, unit):
+    """blend.mixture_fit=exact: every cluster's draws are its weight of the blend's tokens at its mean
+    length, for the largest blend that fits both the budget and every cluster's clip (an independent
+    bisection finds that size); the weights are never moved from one cluster to another."""
+    from clustermix.clusterclip import realise_mixture
+    from clustermix.config import SampleConfig
+
+    rng = np.random.default_rng(seed)
+    n = np.array(sizes)
+    sz = _sizes(n, rng.integers(20, 2000, size=len(n)))
+    w = rng.random(len(n)) * (rng.random(len(n)) < 0.8)
+    live = (sz.n_docs > 0) & (sz.n_tokens > 0)
+    if not (w * live).sum():
+        with pytest.raises(ValueError, match="no cluster with documents"):
+            realise_mixture(sz, w, SampleConfig(budget=budget, clip=clip, unit=unit))
+        return
+    draws, info = realise_mixture(sz, w, SampleConfig(budget=budget, clip=clip, unit=unit))
+    assert (draws >= 0).all() and (draws <= clip * n).all(), "a cluster exceeds its clip"
+    assert info["unrealisable_clusters"] == [int(k) for k in np.flatnonzero((w > 0) & ~live)]
+    wn = np.where(live, w, 0) / np.where(live, w, 0).sum()
+    mean = np.where(live, sz.n_tokens / np.maximum(n, 1), 1.0)
+    per_token = wn / mean  # draws of each cluster per token of the blend
+
+    def fits(size: float) -> bool:
+        within_budget = (per_token.sum() * size if unit == "docs" else size) <= budget * (1 + 1e-12)
+        return within_budget and bool((per_token * size <= clip * n * (1 + 1e-12)).all())
+
+    lo, hi = 0.0, 1e12
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    ideal = per_token * lo
+    assert np.abs(draws - ideal).max() < 1.0 + 1e-6, "draws are the weights' token shares, up to rounding"
+    assert abs(draws.sum() - ideal.sum()) < 1 + 1e-6
+    if unit == "docs":
+        assert draws.sum() <= budget
+    if info["limited_by_cluster"] is None:
+        assert info["scale"] == pytest.approx(1.0)
+        if unit == "docs":
+            assert draws.sum() == budget
+    else:
+        k = info["limited_by_cluster"]
+        assert info["scale"] < 1 and draws[k] >= clip * n[k] - 1  # the cluster that limits it is at its clip
+
+
+def test_realised_mixture_keeps_the_searched_shares_where_fill_would_move_them():
+    from clustermix.clusterclip import allocate_docs, realise_mixture, total_variation
+    from clustermix.config import SampleConfig
+
+    sz = _sizes(np.array([1000, 1000, 50, 1000]), np.array([100, 400, 200, 100]))
+    w = np.array([0.4, 0.2, 0.3, 0.1])  # cluster 2 is small: 0.3 of a 3,000-doc blend would need 4+ draws each
+    scfg = SampleConfig(budget=3000, clip=4, unit="docs")
+    draws, info = realise_mixture(sz, w, scfg)
+    tokens = draws * sz.n_tokens / sz.n_docs
+    assert total_variation(w, tokens) < 0.002 and info["planned_total_variation"] < 0.002
+    assert info["limited_by_cluster"] == 2 and draws[2] == 200 and draws.sum() < 3000
+    filled, _ = allocate_docs(sz, w, scfg)  # the old behaviour: the budget is filled, the shares move
+    assert filled.sum() == 3000 and total_variation(w, filled * sz.n_tokens / sz.n_docs) > 0.1
+    sz_empty = _sizes(np.array([0, 10]), np.array([1, 100]))
+    d, i = realise_mixture(sz_empty, np.array([0.5, 0.5]), SampleConfig(budget=10, clip=4, unit="docs"))
+    assert i["unrealisable_clusters"] == [0] and d.tolist() == [0, 10]

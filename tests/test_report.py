@@ -463,3 +463,42 @@ def test_missing_chromium_fails_and_says_how_to_install_it(monkeypatch, tmp_path
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(pytest.fail.Exception, match=r"apt-get update && apt-get install -y chromium"):
         chromium_screenshot(tmp_path / "report.html", tmp_path)
+
+
+def test_predictor_rank_correlation_on_mixtures_it_was_not_fitted_on(tiny_lake):
+    import pyarrow as pa
+
+    # iteration 1 has no prediction (the prior's draws); 2 and 3 were predicted before training
+    _write_tables(tiny_lake, mixtures=pa.table({
+        "iteration": [1, 1, 1, 2, 2, 2, 3, 3, 3],
+        "proxy_score": [0.5, 0.6, 0.7, 0.30, 0.20, 0.40, 0.1, 0.3, 0.2],
+        "predicted_score": pa.array([None, None, None, 0.3, 0.2, 0.4, 0.1, 0.2, 0.3], pa.float64())}))
+    json_uri, html_uri = write_report(str(tiny_lake), "20260101T000000Z-aaaaaa")
+    pr = json.loads(Path(json_uri).read_text())["search"]["predictor"]
+    assert pr["available"] and pr["mixtures"] == 6
+    assert [(i["iteration"], i["mixtures"]) for i in pr["per_iteration"]] == [(2, 3), (3, 3)]
+    assert pr["per_iteration"][0]["spearman"] == pytest.approx(1.0)  # ranked exactly as training did
+    assert pr["per_iteration"][1]["spearman"] == pytest.approx(0.5)  # 0.1 < 0.3 > 0.2 against 0.1 < 0.2 < 0.3
+    assert 0 < pr["spearman"] < 1
+    assert "Spearman rank correlation" in Path(html_uri).read_text()
+
+
+def test_mixture_blend_shows_searched_against_realised_weights(tiny_lake):
+    rid = "20260101T000000Z-aaaaaa"
+    m = _manifest(rid)
+    searched = {str(k): w for k, w in enumerate([0.5, 0.3, 0.15, 0.05])}
+    realised = {"0": 0.46, "1": 0.31, "2": 0.17, "3": 0.06}
+    m["config"]["blend"] = {"mode": "mixture", "mixture_path": "/lake/search/best_mixture.json"}
+    m["stages"]["blend"]["counts"] = {"mode": "mixture", "draws_by_domain": {"news": {"draws": 10, "tokens": 100}},
+                                      "mixture": {"fit": "exact", "clip": 3, "draws": 80, "scale": 0.8,
+                                                  "limited_by_cluster": 3, "unrealisable_clusters": [],
+                                                  "searched": searched, "realised": realised,
+                                                  "total_variation": 0.04}}
+    (tiny_lake / "runs" / rid / "manifest.json").write_text(json.dumps(m))
+    json_uri, html_uri = write_report(str(tiny_lake), rid)
+    mix = json.loads(Path(json_uri).read_text())["blend"]["mixture"]
+    assert [(r["cluster_id"], r["searched"], r["realised"]) for r in mix["rows"]] == [
+        (0, 0.5, 0.46), (1, 0.3, 0.31), (2, 0.15, 0.17), (3, 0.05, 0.06)]
+    assert mix["off_by_1pt"] == 2 and mix["total_variation"] == 0.04 and mix["limited_by_cluster"] == 3
+    page = Path(html_uri).read_text()
+    assert "Searched mixture against the blend" in page and "scaled to 80.00% of the budget" in page

@@ -273,7 +273,7 @@ def test_search_writes_the_mixtures_table(searched, spark):
 def test_best_mixture_beats_or_matches_uniform_and_blend_accepts_it(searched, spark):
     from clustermix import tableio
     from clustermix.blend import mixture_targets
-    from clustermix.clusterclip import ClusterSizes, allocate_docs
+    from clustermix.clusterclip import ClusterSizes, allocate_docs, realise_mixture
     from clustermix.manifest import read_json
     from clustermix.search.stage import best_mixture_uri
 
@@ -288,9 +288,12 @@ def test_best_mixture_beats_or_matches_uniform_and_blend_accepts_it(searched, sp
     targets = mixture_targets(sizes, path)  # what blend.mode=mixture reads
     assert np.allclose(targets, [doc["weights"][str(c)] for c in sizes.cluster_id])
     assert targets.sum() == pytest.approx(1.0, abs=1e-6)
-    draws, info = allocate_docs(sizes, targets, cfg.sample)
+    draws, info = allocate_docs(sizes, targets, cfg.sample)  # blend.mixture_fit=fill
     assert int(draws.sum()) + info["shortfall"] == cfg.sample.budget
     assert (draws <= cfg.sample.clip * sizes.n_docs).all()
+    draws, info = realise_mixture(sizes, targets, cfg.sample)  # blend.mixture_fit=exact (the default)
+    assert (draws <= cfg.sample.clip * sizes.n_docs).all() and 0 < draws.sum() <= cfg.sample.budget
+    assert info["planned_total_variation"] < 0.05 and info["unrealisable_clusters"] == []
 
 
 def test_search_without_a_target_stops_before_any_work(pipeline):

@@ -3,7 +3,9 @@
 Modes: ``clusterclip`` reuses ``sample_plan``; ``proportional`` spreads configured domain weights
 over the clusters that hold each domain; ``quality`` scales uniform shares by mean cluster quality
 to the power ``quality_alpha``; ``mixture`` takes weights per cluster from a file (JSON or YAML:
-``{cluster_id: weight}``, or ``{"weights": {...}}`` as the search stage writes it).
+``{cluster_id: weight}``, or ``{"weights": {...}}`` as the search stage writes it) and, with
+``mixture_fit: exact``, realises them as token shares (:func:`clustermix.clusterclip.realise_mixture`);
+the stage's counts carry the searched weights and the blend's realised token shares per cluster.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clustermix import contracts
-from clustermix.clusterclip import ClusterSizes, allocate_docs, uniform_targets
+from clustermix.clusterclip import ClusterSizes, allocate_docs, realise_mixture, total_variation, uniform_targets
 from clustermix.contracts import NO_DOMAIN
 from clustermix.errors import ConfigError, DataError
 from clustermix.plan import make_plan, members_frame
@@ -103,12 +105,20 @@ def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, doc
               bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any, plan_rows: int) -> dict[str, Any]:
     """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position.
     ``plan_rows``: the rows of ``sample_plan`` (from its Delta log: no read of the plan)."""
+    info: dict[str, Any]
     if bcfg.mode == "clusterclip":
         planned, info = sample_plan, {"from": "sample_plan"}
         n_rows = plan_rows
     else:
         sizes = ClusterSizes.from_stats(stats)  # a Spark job: only the modes that allocate anew read it
-        draws, info = allocate_docs(sizes, targets_for(bcfg, sizes), scfg)
+        targets = targets_for(bcfg, sizes)
+        if bcfg.mode == "mixture" and bcfg.mixture_fit == "exact":
+            draws, fit = realise_mixture(sizes, targets, scfg)
+            info = {"mixture": {**fit, "searched": per_cluster(sizes.cluster_id, targets / targets.sum())}}
+        else:
+            draws, info = allocate_docs(sizes, targets, scfg)
+            if bcfg.mode == "mixture":
+                info["mixture"] = {"fit": "fill", "searched": per_cluster(sizes.cluster_id, targets / targets.sum())}
         planned = make_plan(spark, members_frame(assignments, docs, scfg.within), sizes, draws, scfg, partitions)
         n_rows = int(draws.sum())
     info["join"] = join_strategy(n_rows, bcfg.broadcast_max_rows)
@@ -223,6 +233,28 @@ def broadcast_join(planned: DataFrame, cols: DataFrame, key: Callable[[Column], 
         "_key", "_plan_id")
 
 
+def per_cluster(cluster_ids: np.ndarray, values: np.ndarray) -> dict[str, float]:
+    """K numbers as the manifest keeps them: cluster id -> value, rounded to 8 digits."""
+    return {str(int(c)): round(float(v), 8) for c, v in zip(cluster_ids, values, strict=True)}
+
+
+def cluster_tokens(blended: DataFrame) -> dict[str, int]:
+    """Tokens per cluster of a written blend (K rows to the driver)."""
+    from pyspark.sql import functions as F
+
+    rows = blended.groupBy("cluster_id").agg(F.sum("n_tokens").alias("tokens")).collect()
+    return {str(int(r["cluster_id"])): int(r["tokens"] or 0) for r in sorted(rows, key=lambda r: r["cluster_id"])}
+
+
+def mixture_realised(searched: dict[str, float], tokens: dict[str, int]) -> dict[str, Any]:
+    """The searched weights against the blend's token shares per cluster, and their total variation."""
+    total = sum(tokens.values())
+    realised = {c: round(tokens.get(c, 0) / total, 8) if total else 0.0 for c in searched}
+    keys = sorted(searched, key=int)
+    tv = total_variation(np.array([searched[c] for c in keys]), np.array([tokens.get(c, 0) for c in keys]))
+    return {"realised": realised, "total_variation": round(tv, 6)}
+
+
 def domain_mix(blended: DataFrame) -> dict[str, dict[str, int]]:
     """Draws and tokens per domain of a written blend (D rows to the driver)."""
     from pyspark.sql import functions as F
@@ -263,5 +295,8 @@ def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
                      tableio.read(s, lake, "sample_plan", inputs["sample_plan"]), bcfg, cfg.sample,
                      cfg.spark.shuffle_partitions, ctx.write,
                      plan_rows=deltalog.num_records(lake.table("sample_plan"), inputs["sample_plan"]))
-    info["draws_by_domain"] = domain_mix(tableio.read(s, lake, "blended", ctx.write.versions["blended"]))
+    blended = tableio.read(s, lake, "blended", ctx.write.versions["blended"])
+    info["draws_by_domain"] = domain_mix(blended)
+    if "mixture" in info:
+        info["mixture"].update(mixture_realised(info["mixture"]["searched"], cluster_tokens(blended)))
     return info

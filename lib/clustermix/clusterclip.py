@@ -154,6 +154,55 @@ def allocate_docs(sizes: ClusterSizes, targets: np.ndarray, scfg: SampleConfig) 
     return draws, info
 
 
+def realise_mixture(sizes: ClusterSizes, weights: np.ndarray, scfg: SampleConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Draws per cluster (in documents) whose expected token shares are ``weights``: a searched
+    mixture as the proxies scored it, not re-balanced by the clip.
+
+    Cluster ``k`` gets ``w_k·T / m_k`` draws, ``m_k`` its mean document length in tokens, for the
+    largest total ``T`` that both fits the budget (counted in ``scfg.unit``) and keeps every cluster
+    within ``clip`` draws per document. Where the clip binds (a heavy weight on a small cluster), the
+    whole mixture shrinks below the budget rather than moving the weight elsewhere; ``info`` says how
+    far and which cluster limited it. Clusters with a weight but no documents cannot be realised:
+    they are named in ``info`` and the other weights are renormalised."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != sizes.n_docs.shape or (w < 0).any() or not np.isfinite(w).all():
+        raise ValueError("weights must be one finite non-negative value per cluster")
+    live = (sizes.n_docs > 0) & (sizes.n_tokens > 0)
+    unrealisable = [int(c) for c in sizes.cluster_id[(w > 0) & ~live]]
+    w = np.where(live, w, 0.0)
+    if w.sum() <= 0:
+        raise ValueError("no cluster with documents has a positive weight in the mixture")
+    w = w / w.sum()
+    n_docs, n_tokens = sizes.n_docs.astype(np.float64), sizes.n_tokens.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        docs_per_token = np.where(live, w * n_docs / n_tokens, 0.0)  # draws of cluster k per token of the mix
+        tokens_at_clip = np.where(w > 0, scfg.clip * n_tokens / w, np.inf)  # the mix's size at k's clip
+    by_budget = scfg.budget / docs_per_token.sum() if scfg.unit == "docs" else float(scfg.budget)
+    limit = int(np.argmin(tokens_at_clip))
+    size = min(by_budget, float(tokens_at_clip[limit]))
+    real = docs_per_token * size
+    caps = scfg.clip * sizes.n_docs
+    draws = round_to_total(real, int(np.floor(real.sum() + 1e-9)), caps)
+    planned = draws * np.where(live, n_tokens / np.maximum(n_docs, 1), 0.0)
+    info = {
+        "fit": "exact", "unit": scfg.unit, "budget": scfg.budget, "clip": scfg.clip, "draws": int(draws.sum()),
+        "scale": round(size / by_budget, 6) if by_budget > 0 else None,
+        "limited_by_cluster": int(sizes.cluster_id[limit]) if tokens_at_clip[limit] < by_budget else None,
+        "unrealisable_clusters": unrealisable,
+        "planned_total_variation": round(total_variation(w, planned), 6),
+    }
+    return draws, info
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """Half the L1 distance between two non-negative vectors, each normalised to sum to one (0: the
+    same shares, 1: disjoint)."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    if p.sum() <= 0 or q.sum() <= 0:
+        return 1.0
+    return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
+
+
 def to_doc_draws(draws: np.ndarray, n_docs: np.ndarray, n_tokens: np.ndarray, unit: str, clip: int) -> np.ndarray:
     """Draws counted in ``unit`` as document draws: token draws become document draws at the mean
     document length of their cluster (or cell), never past the clip."""

@@ -217,6 +217,10 @@ class BlendConfig(_Section):
     domain_weights: dict[str, float] = Field(default_factory=dict)
     quality_alpha: float = Field(1.0, ge=0)
     mixture_path: str | None = None
+    # mode mixture: "exact" realises the file's weights as token shares, shrinking the whole blend below
+    # the budget where the clip binds; "fill" water-fills the budget under the clip (the mix then
+    # departs from the weights wherever a cluster hits its clip)
+    mixture_fit: Literal["exact", "fill"] = "exact"
     # at most this many rows per file of `blended` (small blends get smaller files: see blend.position_ranges)
     target_rows_per_file: int = Field(250_000, ge=1)
     # plans of at most this many rows are broadcast to the join with docs, which then is never

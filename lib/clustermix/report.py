@@ -331,7 +331,26 @@ def _blend(run: _Run, cfg: dict[str, Any], sample: dict[str, Any]) -> dict[str, 
     return {"mode": mode, "mixture_path": (cfg.get("blend") or {}).get("mixture_path"),
             "draws": sum(per_cluster.values()) or None, "draws_per_cluster": per_cluster,
             "weights_per_cluster": _shares(per_cluster), "draws_by_domain": counts.get("draws_by_domain") or {},
-            "weights_per_domain": _shares(per_domain)}
+            "weights_per_domain": _shares(per_domain), "mixture": _mixture(counts.get("mixture"))}
+
+
+MIXTURE_ROWS = 12  # clusters shown in the searched-vs-realised table (the heaviest searched weights)
+
+
+def _mixture(m: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A mixture blend's searched weights against its realised token shares: the summary and the
+    ``MIXTURE_ROWS`` clusters with the heaviest searched weights, plus every cluster off by more than
+    a percentage point."""
+    if not m or not m.get("searched"):
+        return None
+    searched, realised = m["searched"], m.get("realised") or {}
+    off = {c for c in searched if abs(searched[c] - realised.get(c, 0.0)) > 0.01 + 1e-9}
+    heavy = sorted(searched, key=lambda c: (-searched[c], int(c)))[:MIXTURE_ROWS]
+    rows = [{"cluster_id": int(c), "searched": searched[c], "realised": realised.get(c)}
+            for c in sorted(set(heavy) | off, key=lambda c: (-searched[c], int(c)))]
+    keys = ("fit", "unit", "budget", "clip", "draws", "scale", "limited_by_cluster", "unrealisable_clusters",
+            "planned_total_variation", "total_variation")
+    return {**{k: m.get(k) for k in keys}, "clusters": len(searched), "rows": rows, "off_by_1pt": len(off)}
 
 
 def _level_rows(before: dict[str, int], after: dict[str, float], targets: dict[str, float] | None = None,
@@ -421,7 +440,32 @@ def _search(run: _Run) -> dict[str, Any]:
             by_it.setdefault(int(r["iteration"]), []).append(float(r["proxy_score"]))
     its = [{"iteration": i, "mixtures": len(s), "best": min(s), "mean": sum(s) / len(s)} for i, s in sorted(by_it.items())]
     return {"ran": True, "mixtures": len(rows), "iterations": its,
-            "best_score": min((i["best"] for i in its), default=None)}
+            "best_score": min((i["best"] for i in its), default=None), "predictor": _predictor(dt, names)}
+
+
+def _predictor(dt: Any, names: set[str]) -> dict[str, Any]:
+    """How well the predictor ranked mixtures it had not been fitted on: every proxy after the first
+    iteration was chosen by a predictor fitted on the iterations before it, so its predicted score is
+    a held-out prediction. Spearman's rank correlation of predicted against trained score, over all
+    of them and per iteration (None with fewer than 3 or constant scores)."""
+    import numpy as np
+
+    from clustermix.search.predictor import spearman
+
+    if "predicted_score" not in names:
+        return {"available": False}
+    rows = [r for r in dt.to_pyarrow_table(columns=["iteration", "predicted_score", "proxy_score"]).to_pylist()
+            if r["predicted_score"] is not None and r["proxy_score"] is not None]
+    if not rows:
+        return {"available": False}
+
+    def rho(rs: list[dict[str, Any]]) -> float | None:
+        return spearman(np.array([r["predicted_score"] for r in rs]), np.array([r["proxy_score"] for r in rs]))
+
+    per = sorted({int(r["iteration"]) for r in rows})
+    return {"available": True, "mixtures": len(rows), "spearman": rho(rows),
+            "per_iteration": [{"iteration": i, "mixtures": sum(int(r["iteration"]) == i for r in rows),
+                               "spearman": rho([r for r in rows if int(r["iteration"]) == i])} for i in per]}
 
 
 def _evaluation(run: _Run) -> dict[str, Any]:

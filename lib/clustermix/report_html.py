@@ -289,7 +289,32 @@ def _blend(rep: dict[str, Any], figs: dict[str, str]) -> str:
     return (f"<p>Mode: <b>{_e(bl.get('mode'))}</b> — {escape(MODES.get(str(bl.get('mode')), ''))}{path} "
             f"{_n(bl.get('draws'))} rows in <code>blended</code>; weight per cluster in the cluster table.</p>"
             + _img(figs, "blend_weights", "final weights per cluster and domain")
-            + _table(["domain", "draws", "tokens", "weight"], rows, (1, 2, 3)))
+            + _table(["domain", "draws", "tokens", "weight"], rows, (1, 2, 3)) + _mixture(bl.get("mixture")))
+
+
+def _mixture(m: dict[str, Any] | None) -> str:
+    """The searched mixture against what the blend realised (token shares per cluster)."""
+    if not m:
+        return ""
+    if m.get("fit") == "exact":
+        how = ("The weights were realised as token shares: each cluster's draws are its weight of the blend's "
+               "tokens at its mean document length.")
+        if m.get("limited_by_cluster") is not None:
+            how += (f" The clip ({_n(m['clip'])} draws per document) binds at cluster {_n(m['limited_by_cluster'])}, "
+                    f"so the whole mixture was scaled to {_pct(m.get('scale'))} of the budget "
+                    f"({_n(m['draws'])} draws) rather than moving weight to other clusters.")
+    else:
+        how = ("<code>blend.mixture_fit: fill</code>: the budget was water-filled under the clip, so clusters at "
+               "their clip hand weight to the others and the blend departs from the searched mixture.")
+    if m.get("unrealisable_clusters"):
+        how += f" Clusters with weight but no documents: {_e(m['unrealisable_clusters'])}."
+    tv = m.get("total_variation")
+    rows = [[_n(r["cluster_id"]), _pct(r["searched"]), _pct(r["realised"]),
+             _pct(None if r["realised"] is None else r["realised"] - r["searched"])] for r in m["rows"]]
+    return (f"<h3>Searched mixture against the blend</h3><p>{how} Total variation between the searched weights and "
+            f"the realised token shares: <b>{_n(tv, 4)}</b> (0: identical; {_n(m['off_by_1pt'])} of "
+            f"{_n(m['clusters'])} clusters off by more than a percentage point).</p>"
+            + _table(["cluster", "searched weight", "realised token share", "difference"], rows, (0, 1, 2, 3)))
 
 
 def _quality(rep: dict[str, Any], figs: dict[str, str]) -> str:
@@ -311,7 +336,20 @@ def _search(rep: dict[str, Any], figs: dict[str, str]) -> str:
     rows = [[str(i["iteration"]), _n(i["mixtures"]), _n(i["best"], 4), _n(i["mean"], 4)] for i in se["iterations"]]
     note = f"<p>{escape(se['note'])}</p>" if se.get("note") else ""
     return (note + _img(figs, "search", "mixture search progress")
-            + _table(["iteration", "proxies trained", "best target loss", "mean target loss"], rows, (0, 1, 2, 3)))
+            + _table(["iteration", "proxies trained", "best target loss", "mean target loss"], rows, (0, 1, 2, 3))
+            + _predictor(se.get("predictor") or {}))
+
+
+def _predictor(pr: dict[str, Any]) -> str:
+    if not pr.get("available"):
+        return ""
+    rows = [[str(i["iteration"]), _n(i["mixtures"]), _n(i["spearman"], 3) if i["spearman"] is not None else "—"]
+            for i in pr["per_iteration"]]
+    overall = _n(pr["spearman"], 3) if pr["spearman"] is not None else "undefined (fewer than 3 or constant scores)"
+    return ("<p>The predictor on mixtures it was not fitted on (each later iteration's proxies, predicted before "
+            f"they were trained): Spearman rank correlation of predicted and trained target loss <b>{overall}</b> "
+            f"over {_n(pr['mixtures'])} mixtures (1: it ranks them as training does).</p>"
+            + _table(["iteration", "mixtures", "Spearman"], rows, (0, 1, 2)))
 
 
 METRIC_NAMES = {"macro_source": "macro over sources", "worst_source": "worst source",
