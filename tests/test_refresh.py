@@ -222,3 +222,54 @@ def test_three_nights(tmp_path: Path, spark: Any, ray_local: Any, monkeypatch: p
 
 def runs_lake(root: Path) -> lk.Lake:
     return lk.Lake(str(root))
+
+
+def test_a_refresh_applies_semantic_dedup_against_documents_already_accepted(
+        tmp_path: Path, spark: Any, ray_local: Any) -> None:
+    """Night 2 brings a semantic copy of a night-1 article (its lead under a new id, then other text:
+    the embedding sees only the lead, MinHash would see two different texts). The refresh puts it in
+    ``semantic_duplicates`` pointing at the old article, keeps every document night 1 kept (earlier
+    ingests come first in the walk, so a refresh never demotes one), and no plan draws it."""
+    from deltalake import DeltaTable
+
+    from clustermix.corpus import iter_records
+    from clustermix.refresh import run_refresh
+
+    recs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for rec in iter_records("bbc"):
+        if rec["text"] not in seen and rec["domain"] in ("business", "sports") and len(str(rec["text"]).split()) > 150:
+            seen.add(str(rec["text"]))
+            recs.append(rec)
+    night1, night2 = recs[:40], recs[40:45]
+    original = night1[3]
+    lead = " ".join(str(original["text"]).split()[:120])
+    tail = " ".join(str(recs[50]["text"]).split()[60:300])
+    copy = {**original, "id": "semantic-copy", "text": f"{lead} {tail}"}
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    root = tmp_path / "lake"
+    cfg = make_config(root, str(incoming), cluster={"k": 2}, sample={"budget": 60, "clip": 2},
+                      refresh={"min_new_docs": 100}, embed={"max_seq_length": 64},
+                      dedup={"semantic": {"enabled": True, "threshold": 0.99, "num_actors": 1, "cpus_per_actor": 0.5}})
+
+    def dups() -> dict[str, str]:
+        rows = DeltaTable(str(root / "semantic_duplicates")).to_pyarrow_table(columns=["id", "duplicate_of"])
+        return dict(zip(rows.column("id").to_pylist(), rows.column("duplicate_of").to_pylist(), strict=True))
+
+    _land(incoming, 1, [json.dumps(r) for r in night1])
+    assert run_refresh(cfg, spark=spark).manifest["outcome"] == "succeeded"
+    before = dups()
+    _land(incoming, 2, [json.dumps(r) for r in [*night2, copy]])
+    m2 = run_refresh(cfg, spark=spark).manifest
+    assert m2["mode"] == "refresh" and m2["stages"]["ingest"]["counts"]["accepted"] == 6
+    after = dups()
+    assert after["semantic-copy"] == original["id"]
+    assert {i: after.get(i) for i in before} == before  # night 1's decisions stand
+    night2_ids = {str(r["id"]) for r in night2} | {"semantic-copy"}
+    assert set(after) - set(before) <= night2_ids  # only new documents became duplicates
+    assert m2["stages"]["dedup"]["counts"]["duplicates"] == len(after)
+    stats = spark.read.format("delta").load(str(root / "cluster_stats")).select("n_docs").collect()
+    assert sum(r["n_docs"] for r in stats) == deltalog.num_records(str(root / "docs")) - len(after) == 46 - len(after)
+    drawn = {r["id"] for r in spark.read.format("delta").load(str(root / "blended")).select("id").collect()}
+    assert drawn and not drawn & set(after)
