@@ -309,13 +309,13 @@ def read_counted(spark: SparkSession, checked: Checked, cfg: Config, classified:
     The safety net of the checks: a file whose checks passed but that Spark cannot read (a corrupt data
     page past the footer, a file that changed during the run) stops the run with one line naming it
     under ``fail``; under ``skip`` it becomes a bad file and the read is redone without it."""
-    from pyspark import StorageLevel
+    from clustermix.tableio import persist_corpus
 
     for _ in range(RETRIES + 1):
         df = None
         try:
             # inside the try: classifying may already read the input (near-duplicates run Spark jobs)
-            df = classified(read_candidates(spark, checked, cfg.input)).persist(StorageLevel.MEMORY_AND_DISK)
+            df = persist_corpus(classified(read_candidates(spark, checked, cfg.input)))
             counts = {(r["outcome"], r["reason"]): r["count"]
                       for r in df.groupBy("outcome", "reason").count().collect()}
             return df, counts, per_file_counts(df), checked

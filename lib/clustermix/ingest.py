@@ -18,6 +18,7 @@ from clustermix import contracts
 from clustermix.errors import AccountingError
 from clustermix.inputs import InputSpec, resolve_input
 from clustermix.readers import SOURCE_KEY, spark_source_uris, sql_in
+from clustermix.tableio import persist_corpus
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -80,14 +81,13 @@ def classify(df: DataFrame, max_chars: int, chars_per_token: float, cached: list
     df = df.withColumn("id", F.when(F.col("reason").isNull(),
                                     F.coalesce(F.col("_id"), F.substring("text_hash", 1, 24))))
     # the row key is drawn once, on the persisted records: every branch below reads the same values
-    df = df.withColumn(KEY, F.monotonically_increasing_id()).persist(StorageLevel.MEMORY_AND_DISK)
+    df = persist_corpus(df.withColumn(KEY, F.monotonically_increasing_id()))
     cached.append(df)
     valid = F.col("reason").isNull()
     order = ["source_file", "_block", "_row", *(["_prior"] if prior else [])]
     # the verdicts (and the keys of the duplicate_ids among them) are persisted and counted before they
     # are joined: their size is then known, so a small side is broadcast and the wide rows stay put
-    verdicts = dedup_verdicts(df.where(valid).select(KEY, "id", "text_hash", *order)).persist(
-        StorageLevel.MEMORY_AND_DISK)
+    verdicts = persist_corpus(dedup_verdicts(df.where(valid).select(KEY, "id", "text_hash", *order)))
     clash_keys = verdicts.where(F.col("reason") == "duplicate_id").select(KEY, "reason", "outcome").persist(
         StorageLevel.MEMORY_AND_DISK)
     cached += [verdicts, clash_keys]
@@ -162,11 +162,11 @@ class NearMarker:
         if not self.cfg.enabled:
             self.signatures = None
             return df.withColumn("jaccard", F.lit(None).cast("double"))
-        df = self._cache(df.persist(StorageLevel.MEMORY_AND_DISK))  # the MinHash pass reads it several times
+        df = self._cache(persist_corpus(df))  # the MinHash pass reads it several times
         accepted = df.where(F.col("outcome") == "accepted").select("id", F.col("_text").alias("text"), "source_file")
         # keys order the documents of a group: "0"+id for an earlier ingest's (they stay), "1"+id for new ones
-        sigs = self._cache(minhash.signatures(accepted, self.cfg).withColumn("key", F.concat(F.lit("1"), "id"))
-                           .persist(StorageLevel.MEMORY_AND_DISK))
+        sigs = self._cache(persist_corpus(minhash.signatures(accepted, self.cfg).withColumn(
+            "key", F.concat(F.lit("1"), "id"))))
         both, candidates = sigs.select("key", "signature"), None
         if self.prior is not None:
             old = self.prior.select(F.concat(F.lit("0"), "id").alias("key"), "signature")
