@@ -110,6 +110,77 @@ def test_the_holdout_is_in_the_fingerprints_of_the_stages_it_changes():
     assert config_hash(gpu, "evaluate") == config_hash(base, "evaluate")
 
 
+def _docs_block(n: int = 600):
+    import pyarrow as pa
+
+    return pa.table({"id": [f"doc-{i}" for i in range(n)], "text": ["x" * (30 + i % 70) for i in range(n)],
+                     "domain": [f"s{i % 4}" if i % 9 else None for i in range(n)],
+                     "cluster_id": pa.array([i % 5 for i in range(n)], pa.int32())})
+
+
+def _drawn(seeds, hold, budget=3000):
+    from clustermix import evaldata
+
+    rows = evaldata._block(_docs_block(), holdout=hold, seed=7, seeds=seeds, budget=budget, cap=5, max_doc_bytes=40)
+    return evaldata.Draw(rows.filter([not r.startswith("total_") for r in rows.column("role").to_pylist()]), {}, {})
+
+
+def test_each_seed_draws_its_own_documents_deterministically_and_none_held_out():
+    """Seed i's random, per-source and per-cluster prefixes come from seed i's own hash order: two seeds
+    draw different sets, the same seed draws the same set, no set holds a held-out id, and the
+    scored documents are the same for every seed."""
+    from clustermix.evaluate import seed_of
+
+    hold = Holdout(0.2, 27)
+    seeds = [seed_of(7, i) for i in range(3)]
+    draw, again = _drawn(seeds, hold), _drawn(seeds, hold)
+    assert draw.rows.equals(again.rows)  # the same seeds, the same sets
+    for role in ("random", "source", "cluster"):
+        sets = [draw.role(role, index=i).column("id").to_pylist() for i in range(3)]
+        assert all(sets) and len({tuple(sorted(x)) for x in sets}) == 3, role  # each seed its own draw
+        for ids in sets:
+            assert not hold.mask(ids).any(), role
+    for i in range(3):
+        assert sum(draw.role("random", index=i).column("ptokens").to_pylist()) >= 3000  # covers the budget
+    held = draw.role("heldout").column("id").to_pylist()
+    assert held and hold.mask(held).all() and set(draw.rows.column("seed_index").to_pylist()) == {-1, 0, 1, 2}
+    # seed i's draw does not depend on which other seeds are drawn with it
+    alone = _drawn([seeds[1]], hold)
+    assert alone.role("random", index=0).column("id").to_pylist() == draw.role("random", index=1).column("id").to_pylist()
+
+
+def test_blended_subsample_is_the_same_mix_per_seed():
+    """Each seed's subsample of blended is a uniform draw of its rows: its cluster shares are close to
+    blended's own, seeds differ, a seed repeats itself, and it keeps blended's (position) order."""
+    import numpy as np
+    import pyarrow as pa
+
+    from clustermix import evaldata
+    from clustermix.evaluate import seed_of
+
+    n = 4000
+    rng = np.random.default_rng(0)
+    clusters = rng.choice(6, size=n, p=[0.4, 0.25, 0.15, 0.1, 0.07, 0.03]).astype(np.int32)
+    blended = pa.table({"id": [f"doc-{i % 1500}" for i in range(n)], "text": ["y" * (50 + i % 30) for i in range(n)],
+                        "domain": ["a"] * n, "cluster_id": pa.array(clusters),
+                        "position": pa.array(np.arange(n), pa.int64())})
+    total = int(evaldata.doc_tokens(blended.column("text").to_pylist()).sum())
+    seeds = [seed_of(7, i) for i in range(3)]
+    budget = total // 4
+    drawn = evaldata._blended_block(blended, seeds=seeds, budget=budget)
+    assert drawn.equals(evaldata._blended_block(blended, seeds=seeds, budget=budget))
+    share = np.bincount(clusters, minlength=6) / n
+    positions = []
+    for i in range(3):
+        t = drawn.filter(pa.array(drawn.column("seed_index").to_numpy() == i))
+        tokens = int(t.column("ptokens").to_numpy().sum())
+        assert budget <= tokens < budget + 100
+        own = np.bincount(t.column("cluster_id").to_numpy(), minlength=6) / t.num_rows
+        assert np.abs(own - share).max() < 0.03, (i, own, share)
+        positions.append(sorted(t.column("position").to_pylist()))
+    assert len({tuple(p) for p in positions}) == 3
+
+
 # --- the stage, for real ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -169,16 +240,17 @@ def test_evaluate_never_trains_on_a_held_out_document_and_is_deterministic(evalu
     assert deltalog.last_commit_meta(run.lake.table("evaluations"))["run_id"] == "again"
 
     budget = e.proxy_tokens + 1
-    sets = seen["sets"]
-    assert sorted(sets) == ["blended", "natural", "random"]  # no search in this lake: no CLIMB baseline
-    # with a searched mixture, the CLIMB baseline is cut from the same draw
-    climb = {str(c): 1.0 / cfg.cluster.k for c in range(cfg.cluster.k)}
-    sets = {**sets, **training_sets(seen["draw"], seen["blended"], budget, ["climb"], climb)}
-    assert "climb" in sets
-    for mix, segments in sets.items():
-        ids = [i for docs, _ in segments for i, _ in docs]
-        assert ids and not hold.mask(ids).any(), mix
-        assert sum(q for _, q in segments) == budget, mix  # every mix trains on the same number of bytes
+    assert len(seen["sets"]) == e.seeds  # each seed its own draw of every mix
+    for index, drawn in enumerate(seen["sets"]):
+        assert sorted(drawn) == ["blended", "natural", "random"]  # no search in this lake: no CLIMB baseline
+        # with a searched mixture, the CLIMB baseline is cut from the same draw
+        climb = {str(c): 1.0 / cfg.cluster.k for c in range(cfg.cluster.k)}
+        sets = {**drawn, **training_sets(seen["draw"], seen["blended"][index], budget, ["climb"], climb, index)}
+        assert "climb" in sets
+        for mix, segments in sets.items():
+            ids = [i for docs, _ in segments for i, _ in docs]
+            assert ids and not hold.mask(ids).any(), (mix, index)
+            assert sum(q for _, q in segments) == budget, mix  # every mix trains on the same number of bytes
     held = seen["draw"].role("heldout")
     assert held.num_rows and hold.mask(held.column("id").to_pylist()).all()
     per_source: dict[str, int] = {}
@@ -187,6 +259,58 @@ def test_evaluate_never_trains_on_a_held_out_document_and_is_deterministic(evalu
     assert max(per_source.values()) <= e.max_per_source
     counts = run.manifest["stages"]["evaluate"]["counts"]
     assert counts["held_out_scored"] == held.num_rows and counts["seeds"] == 2
+
+
+def test_each_seed_draws_its_own_blended_and_baselines(evaluated):
+    """On the evaluated lake: seed i's random set and blended subsample differ from seed j's, the same
+    seeds draw the same sets again, no seed's set holds a held-out id, and each seed's subsample of
+    blended has blended's own cluster shares."""
+    import numpy as np
+    import ray
+
+    from clustermix import deltalog, evaldata, holdout
+    from clustermix.evaluate import seed_of
+
+    cfg, run = evaluated
+    hold, e = holdout.of(cfg), cfg.evaluate
+    inputs = run.manifest["stages"]["evaluate"]["inputs"]
+    lake = run.lake
+    seeds = [seed_of(e.seed, i) for i in range(3)]
+    budget = e.proxy_tokens + 1
+    partitions = max(2, int(ray.cluster_resources().get("CPU", 2)))
+    dups = lake.table("semantic_duplicates")
+
+    def draw():
+        return evaldata.draw((lake.table("docs"), inputs.get("docs")),
+                             (lake.table("assignments"), inputs.get("assignments")),
+                             (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups) is not None else None,
+                             hold, e.seed, seeds, budget, e.max_per_source, e.max_doc_bytes, partitions, None)
+
+    first, second = draw(), draw()
+    for role in ("random", "source", "cluster"):
+        sets = [first.role(role, index=i).column("id").to_pylist() for i in range(3)]
+        assert sets == [second.role(role, index=i).column("id").to_pylist() for i in range(3)], role
+        assert len({tuple(sorted(x)) for x in sets}) == 3, role
+        assert all(x and not hold.mask(x).any() for x in sets), role
+    blended_rows = _table(lake, "blended")
+    tokens = evaldata.doc_tokens(blended_rows.column("text").to_pylist())
+    for size in (budget, int(tokens.sum()) // 2):
+        subs = evaldata.blended_draws(lake.table("blended"), inputs.get("blended"), seeds, size, None)
+        again = evaldata.blended_draws(lake.table("blended"), inputs.get("blended"), seeds, size, None)
+        assert [t.to_pylist() for t in subs] == [t.to_pylist() for t in again]
+        assert len({tuple(t.column("position").to_pylist()) for t in subs}) == 3
+        for t in subs:
+            assert t.num_rows and not hold.mask(t.column("id").to_pylist()).any()
+            assert t.column("position").to_pylist() == sorted(t.column("position").to_pylist())
+            assert int(evaldata.doc_tokens(t.column("text").to_pylist()).sum()) >= size
+    k = cfg.cluster.k
+    share = np.bincount(blended_rows.column("cluster_id").to_numpy(), minlength=k) / blended_rows.num_rows
+    for t in subs:  # half of blended: the same mix, up to the draw (n of N rows without replacement)
+        n, total = t.num_rows, blended_rows.num_rows
+        own = np.bincount(t.column("cluster_id").to_numpy(), minlength=k) / n
+        sd = np.sqrt(share * (1 - share) / n * (total - n) / max(total - 1, 1))
+        print("blended cluster shares:", own.round(3), "blended's own:", share.round(3), f"{n} of {total} rows")
+        assert (np.abs(own - share) <= 3.5 * sd + 1.0 / n).all()
 
 
 def test_evaluations_table(evaluated):

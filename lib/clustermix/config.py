@@ -318,7 +318,7 @@ class EvaluateConfig(_Section):
     max_per_source: int = Field(200, ge=1)  # held-out documents scored per source (the first by hash)
     max_doc_bytes: int = Field(4096, ge=16)  # each scored document's first bytes
     seeds: int = Field(3, ge=2)  # proxies per mix: the seed spread needs at least two
-    seed: int = 7  # seed i of a mix trains with the initialisation and window order of (seed, i)
+    seed: int = 7  # seed i of every mix: its data draw, initialisation and window order, from (seed, i)
     proxy_tokens: int = Field(200_000, ge=1)  # bytes each proxy trains on, the same for every mix
     # climb: when a search wrote a best mixture
     baselines: list[Literal["random", "natural", "climb"]] = Field(default_factory=lambda: _BASELINES.copy())

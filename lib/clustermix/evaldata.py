@@ -1,20 +1,25 @@
 """What ``evaluate``'s proxies read, drawn with Ray Data and pyarrow (no JVM), bounded by config.
 
-One pass over ``docs`` joined to the kept ``assignments`` (less ``semantic_duplicates``, as the
-search's pools) gives, in a seeded-hash order of the id:
+Every seed of the evaluation draws its own data, so the spread across seeds holds the data draw as
+well as the initialisation. One pass over ``docs`` joined to the kept ``assignments`` (less
+``semantic_duplicates``, as the search's pools) gives:
 
-- ``heldout``: the held-out documents (:mod:`clustermix.holdout`) scored, the first
-  ``evaluate.max_per_source`` of each source, each cut to its first ``max_doc_bytes`` bytes;
-- ``random``: a uniform random sample of the trainable documents (the prefix of the hash order that
-  covers the proxies' budget);
-- ``source`` and ``cluster``: the same prefix within each source and each cluster, from which the
-  natural mix (every source's share of the budget is its share of the corpus) and the CLIMB mixture
-  (weights per cluster) are cut, with each source's and cluster's trainable size.
+- ``heldout``: the held-out documents (:mod:`clustermix.holdout`) scored, in the seeded-hash order of
+  the id under ``evaluate.seed``, the first ``evaluate.max_per_source`` of each source, each cut to its
+  first ``max_doc_bytes`` bytes (the same for every seed);
+- per draw seed ``i`` (its own hash order of the id, :func:`clustermix.search.pools.seeded_keys`):
+  ``random``, a uniform random sample of the trainable documents (the prefix of the order that covers
+  the proxies' budget), and ``source`` and ``cluster``, the same prefix within each source and each
+  cluster, from which the natural mix (every source's share of the budget is its share of the corpus)
+  and the CLIMB mixture (weights per cluster) are cut;
+- each source's and cluster's trainable size.
 
-Each block keeps only its own prefixes (a superset of its part of the global ones); the driver
-merges blocks into the global prefixes as they arrive, so it holds O((1 + sources + clusters) ×
-budget) bytes of text, never the corpus. :func:`blended_prefix` reads the first positions of
-``blended`` (the training order) that cover the budget, pruning row groups by their statistics.
+Each block computes the seeds' keys in the pass and keeps only its own prefixes (a superset of its
+part of the global ones); the driver merges blocks into the global prefixes as they arrive, so it
+holds O(seeds × (1 + sources + clusters) × budget) bytes of text, never the corpus.
+:func:`blended_draws` is the ``blended`` mix at the proxy's size: per draw seed, a uniform subsample
+of its rows (each row a draw, keyed by a hash of the seed and the row's ``position``) covering the
+budget, in ``position`` (training) order, from a Ray Data pass that keeps each block's own prefixes.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clustermix import deltalog, rayread
-from clustermix import lake as lk
 from clustermix.search.pools import seeded_keys
 
 if TYPE_CHECKING:
@@ -41,20 +45,25 @@ TRAIN_ROLES = ("random", "source", "cluster")
 
 @dataclass(frozen=True)
 class Draw:
-    """The pass's result: ``rows`` (role, group, id, cluster_id, domain, key, ptokens, text), each role's
-    rows in hash order per group, and the trainable bytes per source and per cluster."""
+    """The pass's result: ``rows`` (role, group, seed_index, id, cluster_id, domain, key, ptokens, text),
+    each role's rows in hash order per group and draw seed (``seed_index`` -1 for ``heldout``, which is
+    the same for every seed), and the trainable bytes per source and per cluster."""
 
     rows: pa.Table
     source_tokens: dict[str, int]
     cluster_tokens: dict[str, int]
 
-    def role(self, role: str, group: str | None = None) -> pa.Table:
+    def role(self, role: str, group: str | None = None, index: int | None = None) -> pa.Table:
+        """The rows of ``role`` (of one ``group``, of draw seed ``index``), by group then hash order."""
         import pyarrow.compute as pc
 
         t = self.rows.filter(pc.equal(self.rows.column("role"), role))
         if group is not None:
             t = t.filter(pc.equal(t.column("group"), group))
-        return t.take(pc.sort_indices(t, [("group", "ascending"), ("key", "ascending"), ("id", "ascending")]))
+        if index is not None:
+            t = t.filter(pc.equal(t.column("seed_index"), index))
+        return t.take(pc.sort_indices(t, [("group", "ascending"), ("seed_index", "ascending"), ("key", "ascending"),
+                                          ("id", "ascending")]))
 
 
 def doc_tokens(texts: list[str | None]) -> np.ndarray:
@@ -63,16 +72,18 @@ def doc_tokens(texts: list[str | None]) -> np.ndarray:
 
 
 def cut(table: pa.Table, budget: int, cap: int) -> pa.Table:
-    """Per (role, group) in (key, id) order: the ``heldout`` role's first ``cap`` rows, any other role's
-    rows while the tokens before them are under ``budget``."""
+    """Per (role, group, seed_index) in (key, id) order: the ``heldout`` role's first ``cap`` rows, any
+    other role's rows while the tokens before them are under ``budget``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if table.num_rows == 0:
         return table
-    table = table.take(pc.sort_indices(table, [("role", "ascending"), ("group", "ascending"), ("key", "ascending"),
+    table = table.take(pc.sort_indices(table, [("role", "ascending"), ("group", "ascending"),
+                                               ("seed_index", "ascending"), ("key", "ascending"),
                                                ("id", "ascending")]))
-    label = pc.binary_join_element_wise(table.column("role"), table.column("group"), "\x00").to_numpy(
+    label = pc.binary_join_element_wise(table.column("role"), table.column("group"),
+                                        pc.cast(table.column("seed_index"), pa.string()), "\x00").to_numpy(
         zero_copy_only=False)
     starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
     first = np.repeat(starts, np.diff(np.r_[starts, len(label)]))
@@ -84,57 +95,110 @@ def cut(table: pa.Table, budget: int, cap: int) -> pa.Table:
     return table.filter(pa.array(np.where(held, rank < cap, before < budget)))
 
 
-def _block(batch: pa.Table, *, holdout: Holdout, seed: int, budget: int, cap: int, max_doc_bytes: int) -> pa.Table:
-    """A block of (id, text, domain, cluster_id) -> its own prefixes per role, and its totals."""
+def _keyed(role: str, idx: np.ndarray, groups: list[str], index: int, ids: pa.Array, keys: np.ndarray,
+           ptokens: np.ndarray) -> pa.Table:
+    """The light rows of one role (no text yet; ``row``: the index in the block)."""
     import pyarrow as pa
+
+    n = len(idx)
+    return pa.table({"role": pa.array([role] * n, pa.string()), "group": pa.array(groups, pa.string()),
+                     "seed_index": pa.array(np.full(n, index, dtype=np.int32), pa.int32()),
+                     "id": ids.take(pa.array(idx, pa.int64())).cast(pa.string()), "key": pa.array(keys, pa.int64()),
+                     "ptokens": pa.array(ptokens, pa.int64()), "row": pa.array(idx, pa.int64())})
+
+
+def _with_columns(kept: pa.Table, batch: pa.Table, columns: list[str]) -> pa.Table:
+    """``kept``'s light rows with ``columns`` of the block rows they name, ``row`` dropped."""
+    rows = kept.column("row")
+    for c in columns:
+        kept = kept.append_column(c, batch.column(c).take(rows))
+    return kept.drop_columns(["row"])
+
+
+def _block(batch: pa.Table, *, holdout: Holdout, seed: int, seeds: list[int], budget: int, cap: int,
+           max_doc_bytes: int) -> pa.Table:
+    """A block of (id, text, domain, cluster_id) -> its own prefixes per role and draw seed, and its totals."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     ids = batch.column("id").to_pylist()
     texts = batch.column("text").to_pylist()
     domains = [d if d is not None else NO_DOMAIN for d in batch.column("domain").to_pylist()]
     clusters = batch.column("cluster_id").to_pylist()
+    batch = pa.table({"id": batch.column("id").cast(pa.string()), "text": batch.column("text").cast(pa.string()),
+                      "domain": pa.array(domains, pa.string()),
+                      "cluster_id": batch.column("cluster_id").cast(pa.int32())})
     held = holdout.mask(ids)
-    keys = seeded_keys(seed, ids)
     tokens = doc_tokens(texts)
-    parts = []
-
-    def part(role: str, idx: np.ndarray, groups: list[str], text: list[str | None], ptokens: np.ndarray) -> None:
-        parts.append(pa.table({
-            "role": pa.array([role] * len(idx), pa.string()), "group": pa.array(groups, pa.string()),
-            "id": pa.array([ids[i] for i in idx], pa.string()),
-            "cluster_id": pa.array([clusters[i] for i in idx], pa.int32()),
-            "domain": pa.array([domains[i] for i in idx], pa.string()),
-            "key": pa.array(keys[idx], pa.int64()), "ptokens": pa.array(ptokens, pa.int64()),
-            "text": pa.array(text, pa.string())}))
-
+    id_arr = batch.column("id").combine_chunks()
     h = np.flatnonzero(held)
-    short = [(texts[i] or "").encode("utf-8")[:max_doc_bytes].decode("utf-8", errors="ignore") for i in h]
-    part("heldout", h, [domains[i] for i in h], short, doc_tokens(short))
     t = np.flatnonzero(~held)
-    t_text = [texts[i] for i in t]
-    part("random", t, [""] * len(t), t_text, tokens[t])
-    part("source", t, [domains[i] for i in t], t_text, tokens[t])
-    part("cluster", t, [str(clusters[i]) for i in t], t_text, tokens[t])
-    kept = cut(pa.concat_tables(parts), budget, cap)
+    t_ids = [ids[i] for i in t]
+    t_sources = [domains[i] for i in t]
+    t_clusters = [str(clusters[i]) for i in t]
+    parts = [_keyed("heldout", h, [domains[i] for i in h], -1, id_arr, seeded_keys(seed, [ids[i] for i in h]),
+                    np.zeros(len(h), dtype=np.int64))]
+    for index, s in enumerate(seeds):  # each draw seed's own hash order, in the same pass
+        keys = seeded_keys(s, t_ids)
+        parts.append(_keyed("random", t, [""] * len(t), index, id_arr, keys, tokens[t]))
+        parts.append(_keyed("source", t, t_sources, index, id_arr, keys, tokens[t]))
+        parts.append(_keyed("cluster", t, t_clusters, index, id_arr, keys, tokens[t]))
+    kept = _with_columns(cut(pa.concat_tables(parts), budget, cap), batch, ["cluster_id", "domain", "text"])
+    is_held = pc.equal(kept.column("role"), "heldout")
+    held_rows = kept.filter(is_held)
+    short = [(x or "").encode("utf-8")[:max_doc_bytes].decode("utf-8", errors="ignore")
+             for x in held_rows.column("text").to_pylist()]  # a scored document's first bytes
+    held_rows = (held_rows.set_column(held_rows.schema.get_field_index("text"), "text", pa.array(short, pa.string()))
+                 .set_column(held_rows.schema.get_field_index("ptokens"), "ptokens",
+                             pa.array(doc_tokens(list(short)), pa.int64())))
+    schema = _row_schema()
+    kept = pa.concat_tables([kept.filter(pc.invert(is_held)), held_rows]).select(schema.names).cast(schema)
     totals = []
-    for role, groups in (("total_source", [domains[i] for i in t]), ("total_cluster", [str(clusters[i]) for i in t])):
+    for role, groups in (("total_source", t_sources), ("total_cluster", t_clusters)):
         sums: dict[str, int] = {}
         for g, n in zip(groups, tokens[t].tolist(), strict=True):
             sums[g] = sums.get(g, 0) + n
         totals.append(pa.table({
             "role": pa.array([role] * len(sums), pa.string()), "group": pa.array(list(sums), pa.string()),
+            "seed_index": pa.array([-1] * len(sums), pa.int32()),
             "id": pa.array([None] * len(sums), pa.string()), "cluster_id": pa.array([None] * len(sums), pa.int32()),
             "domain": pa.array([None] * len(sums), pa.string()),
             "key": pa.array([0] * len(sums), pa.int64()), "ptokens": pa.array(list(sums.values()), pa.int64()),
-            "text": pa.array([None] * len(sums), pa.string())}))
+            "text": pa.array([None] * len(sums), pa.string())}, schema=schema))
     return pa.concat_tables([kept, *totals])
 
 
-def draw(docs: tuple[str, int | None], assignments: tuple[str, int | None],
-         duplicates: tuple[str, int | None] | None, holdout: Holdout, seed: int, budget: int, cap: int,
-         max_doc_bytes: int, partitions: int, s3: S3Settings | None) -> Draw:
-    """The held-out documents to score and the trainable prefixes, from one Ray Data pass."""
+def _row_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([("role", pa.string()), ("group", pa.string()), ("seed_index", pa.int32()), ("id", pa.string()),
+                      ("key", pa.int64()), ("ptokens", pa.int64()), ("cluster_id", pa.int32()),
+                      ("domain", pa.string()), ("text", pa.string())])
+
+
+def _merge(blocks: Any, budget: int, cap: int) -> tuple[pa.Table, dict[str, dict[str, int]]]:
+    """The driver's side of a pass: each block's prefixes merged into the global ones as they arrive
+    (never more than the prefixes held), and the ``total_*`` rows summed per group."""
     import pyarrow as pa
     import pyarrow.compute as pc
+
+    schema = _row_schema()
+    kept = schema.empty_table()
+    totals: dict[str, dict[str, int]] = {"total_source": {}, "total_cluster": {}}
+    for batch in blocks.iter_batches(batch_format="pyarrow", batch_size=None):
+        is_total = pc.starts_with(batch.column("role"), "total_")
+        for r in batch.filter(is_total).select(["role", "group", "ptokens"]).to_pylist():
+            totals[r["role"]][r["group"]] = totals[r["role"]].get(r["group"], 0) + int(r["ptokens"])
+        rows = batch.filter(pc.invert(is_total)).select(schema.names).cast(schema)
+        kept = cut(pa.concat_tables([kept, rows]), budget, cap)
+    return kept, totals
+
+
+def draw(docs: tuple[str, int | None], assignments: tuple[str, int | None],
+         duplicates: tuple[str, int | None] | None, holdout: Holdout, seed: int, seeds: list[int], budget: int,
+         cap: int, max_doc_bytes: int, partitions: int, s3: S3Settings | None) -> Draw:
+    """The held-out documents to score (ordered by ``seed``) and each draw seed's trainable prefixes
+    (``seeds[i]``: seed ``i``'s hash order), from one Ray Data pass."""
     import ray.data
 
     docs_files, docs_rows = deltalog.file_counts(*docs)
@@ -142,46 +206,57 @@ def draw(docs: tuple[str, int | None], assignments: tuple[str, int | None],
     texts = ray.data.read_datasource(rayread.files_source(docs_files, docs_rows, ["id", "text", "domain"], BLOCK_ROWS,
                                                           s3=s3))
     joined = members.join(texts, join_type="inner", num_partitions=partitions, on=("id",))
-    blocks = joined.map_batches(_block, fn_kwargs={"holdout": holdout, "seed": seed, "budget": budget, "cap": cap,
-                                                   "max_doc_bytes": max_doc_bytes},
+    blocks = joined.map_batches(_block, fn_kwargs={"holdout": holdout, "seed": seed, "seeds": list(seeds),
+                                                   "budget": budget, "cap": cap, "max_doc_bytes": max_doc_bytes},
                                 batch_format="pyarrow", batch_size=None)
-    kept: pa.Table | None = None
-    totals: dict[str, dict[str, int]] = {"total_source": {}, "total_cluster": {}}
-    for batch in blocks.iter_batches(batch_format="pyarrow", batch_size=None):
-        is_total = pc.starts_with(batch.column("role"), "total_")
-        for r in batch.filter(is_total).select(["role", "group", "ptokens"]).to_pylist():
-            totals[r["role"]][r["group"]] = totals[r["role"]].get(r["group"], 0) + int(r["ptokens"])
-        rows = batch.filter(pc.invert(is_total))
-        kept = cut(rows if kept is None else pa.concat_tables([kept, rows.cast(kept.schema)]), budget, cap)
-    if kept is None:
-        kept = _block(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string()),
-                                "domain": pa.array([], pa.string()), "cluster_id": pa.array([], pa.int32())}),
-                      holdout=holdout, seed=seed, budget=budget, cap=cap, max_doc_bytes=max_doc_bytes)
+    kept, totals = _merge(blocks, budget, cap)
     return Draw(kept, totals["total_source"], totals["total_cluster"])
 
 
-def blended_prefix(uri: str, version: int | None, budget: int, s3: S3Settings | None) -> pa.Table:
-    """The first rows of ``blended`` by ``position`` whose tokens before them are under ``budget``:
-    (id, text, domain, cluster_id, position), read with a position filter that prunes row groups,
-    widened until it covers the budget or the table."""
+def _blended_block(batch: pa.Table, *, seeds: list[int], budget: int) -> pa.Table:
+    """A block of ``blended`` (id, text, domain, cluster_id, position) -> its own prefix per draw seed,
+    in the hash order of (seed, position): each row is a draw of its own."""
     import pyarrow as pa
-    import pyarrow.dataset as pds
 
-    files, _ = deltalog.file_counts(uri, version)
-    n_rows = deltalog.num_records(uri, version)
-    if not files:
-        return pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
-    filesystem, _ = lk.open_fs(files[0], s3)
-    dataset = pds.dataset([lk.open_fs(f, s3)[1] for f in files], filesystem=filesystem, format="parquet")
+    batch = pa.table({"id": batch.column("id").cast(pa.string()), "text": batch.column("text").cast(pa.string()),
+                      "domain": batch.column("domain").cast(pa.string()),
+                      "cluster_id": batch.column("cluster_id").cast(pa.int32()),
+                      "position": batch.column("position").cast(pa.int64())})
+    positions = [str(p) for p in batch.column("position").to_pylist()]
+    tokens = doc_tokens(batch.column("text").to_pylist())
+    rows = np.arange(batch.num_rows)
+    id_arr = batch.column("id").combine_chunks()
+    parts = [_keyed("blended", rows, [""] * len(rows), index, id_arr, seeded_keys(s, positions), tokens)
+             for index, s in enumerate(seeds)]
+    kept = _with_columns(cut(pa.concat_tables(parts), budget, 0), batch, ["cluster_id", "domain", "text", "position"])
+    return kept.select([*_row_schema().names, "position"])
+
+
+def blended_draws(uri: str, version: int | None, seeds: list[int], budget: int,
+                  s3: S3Settings | None) -> list[pa.Table]:
+    """Per draw seed, ``blended`` at the proxy's size: a uniform subsample of its rows (the prefix of the
+    hash order of (seed, position) whose tokens before each row are under ``budget``), as (id, text,
+    domain, cluster_id, position) in ``position`` order. One Ray Data pass; each block keeps its own
+    prefixes and the driver merges them, so it holds O(seeds × budget) bytes of text."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray.data
+
     columns = ["id", "text", "domain", "cluster_id", "position"]
-    limit = 256
-    while True:
-        table = dataset.to_table(columns=columns, filter=pds.field("position") < limit).sort_by("position")
-        tokens = doc_tokens(table.column("text").to_pylist())
-        if int(tokens.sum()) >= budget or limit >= n_rows:
-            before = np.cumsum(tokens) - tokens
-            return table.filter(pa.array(before < budget))
-        limit *= 4
+    schema = pa.schema([*_row_schema(), pa.field("position", pa.int64())])
+    kept = schema.empty_table()
+    files, rows = deltalog.file_counts(uri, version)
+    if files:
+        ds = ray.data.read_datasource(rayread.files_source(files, rows, columns, BLOCK_ROWS, s3=s3))
+        blocks = ds.map_batches(_blended_block, fn_kwargs={"seeds": list(seeds), "budget": budget},
+                                batch_format="pyarrow", batch_size=None)
+        for batch in blocks.iter_batches(batch_format="pyarrow", batch_size=None):
+            kept = cut(pa.concat_tables([kept, batch.select(schema.names).cast(schema)]), budget, 0)
+    out = []
+    for index in range(len(seeds)):
+        t = kept.filter(pc.equal(kept.column("seed_index"), index)).sort_by("position")
+        out.append(t.select(columns))
+    return out
 
 
 def texts_of(table: pa.Table) -> list[tuple[str, str]]:

@@ -2,10 +2,13 @@
 
 Proxies (the search's small language models, :mod:`clustermix.search.proxy`, byte-level here) are
 trained on the run's ``blended`` mix and on baselines of the same size, the same number of bytes
-each: ``random`` (a uniform random sample of the trainable documents), ``natural`` (every source
-gets its share of the corpus) and, when the search wrote a best mixture, ``climb`` (its weights per
-cluster). Each mix is trained with ``evaluate.seeds`` seeds (initialisation and window order; seed
-``i`` is the same for every mix) and scored on the held-out documents (:mod:`clustermix.holdout`),
+each: ``blended`` at the proxy's size (a seeded uniform subsample of its rows), ``random`` (a uniform
+random sample of the trainable documents), ``natural`` (every source gets its share of the corpus)
+and, when the search wrote a best mixture, ``climb`` (its weights per cluster). Each mix is trained
+with ``evaluate.seeds`` seeds, and seed ``i`` (:func:`seed_of`, the same for every mix) decides the
+data drawn (:mod:`clustermix.evaldata`), the initialisation and the window order, so the spread
+across seeds includes the data draw. The proxies are scored on the held-out documents
+(:mod:`clustermix.holdout`),
 which no plan could draw: stats, sample, blend and search leave them out while evaluation is on,
 and this stage refuses a ``blended`` that holds one.
 
@@ -56,7 +59,8 @@ def proxy_spec(cfg: Config, seed: int) -> ProxySpec:
 
 
 def seed_of(seed: int, index: int) -> int:
-    """Seed ``index`` of the evaluation: a stable 32-bit seed, shared by every mix."""
+    """Seed ``index`` of the evaluation: a stable 32-bit seed, shared by every mix (its data draw, its
+    initialisation and its window order)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
@@ -73,16 +77,17 @@ def mixture_weights(lake: Lake) -> dict[str, float] | None:
 
 
 def training_sets(draw: evaldata.Draw, blended: pa.Table, budget: int, baselines: list[str],
-                  climb: dict[str, float] | None) -> dict[str, list[Segment]]:
-    """Every mix's training stream, as segments of documents and token quotas summing to ``budget``."""
+                  climb: dict[str, float] | None, index: int = 0) -> dict[str, list[Segment]]:
+    """Seed ``index``'s training stream of every mix, as segments of documents and token quotas summing
+    to ``budget``: ``blended`` is that seed's subsample of blended, the baselines its draw."""
     out: dict[str, list[Segment]] = {"blended": [(evaldata.texts_of(blended), budget)]}
     if "random" in baselines:
-        out["random"] = [(evaldata.texts_of(draw.role("random")), budget)]
+        out["random"] = [(evaldata.texts_of(draw.role("random", index=index)), budget)]
     for name, role, weights in (("natural", "source", {g: float(n) for g, n in draw.source_tokens.items()}),
                                 ("climb", "cluster", climb)):
         if name not in baselines or not weights:
             continue
-        table = draw.role(role)
+        table = draw.role(role, index=index)
         groups = table.column("group").to_pylist()
         parts: dict[str, list[tuple[str, str]]] = {}
         for g, pair in zip(groups, evaldata.texts_of(table), strict=True):
@@ -107,15 +112,16 @@ def train_and_score(segments: list[Segment], held: list[str], spec: ProxySpec) -
     return {**info, "nats": nats, "seconds": round(time.time() - t0, 3)}
 
 
-def _train_all(sets: dict[str, list[Segment]], held: list[str], cfg: Config) -> dict[tuple[str, int], dict[str, Any]]:
+def _train_all(sets: list[dict[str, list[Segment]]], held: list[str],
+               cfg: Config) -> dict[tuple[str, int], dict[str, Any]]:
+    """One proxy per mix and seed ``i``, on seed ``i``'s stream of that mix (``sets[i]``)."""
     import ray
 
     e = cfg.evaluate
     task = ray.remote(num_cpus=e.cpus_per_proxy, num_gpus=e.gpus_per_proxy, max_retries=1)(train_and_score)
     held_ref = ray.put(held)
-    keys = [(mix, i) for mix in sets for i in range(e.seeds)]
-    set_refs = {mix: ray.put(segs) for mix, segs in sets.items()}
-    refs = [task.remote(set_refs[mix], held_ref, proxy_spec(cfg, seed_of(e.seed, i))) for mix, i in keys]
+    keys = [(mix, i) for mix in sorted({m for s in sets for m in s}) for i, s in enumerate(sets) if mix in s]
+    refs = [task.remote(ray.put(sets[i][mix]), held_ref, proxy_spec(cfg, seed_of(e.seed, i))) for mix, i in keys]
     pending, done = list(refs), 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
@@ -164,7 +170,8 @@ def check_blended(uri: str, version: int | None, hold: Holdout, s3: S3Settings |
 def run_evaluate(lake: Lake, cfg: Config, inputs: dict[str, Any], run_id: str, write: TableWriter,
                  seen: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and score every mix's proxies; commit ``evaluations``; return the manifest's figures.
-    ``seen``: filled with what the proxies read (the draw, the blended prefix, the training sets)."""
+    ``seen``: filled with what the proxies read (the draw, blended's subsample per seed, the training
+    sets per seed)."""
     import ray
 
     from clustermix import storage
@@ -178,32 +185,37 @@ def run_evaluate(lake: Lake, cfg: Config, inputs: dict[str, Any], run_id: str, w
     s3 = storage.settings_for(lake.root)
     check_blended(lake.table("blended"), inputs.get("blended"), hold, s3)
     budget = e.proxy_tokens + 1  # +1: the last window's shifted target
+    seeds = [seed_of(e.seed, i) for i in range(e.seeds)]  # seed i: its own data draw for every mix
     dups = lake.table("semantic_duplicates")
     partitions = max(2, min(256, int(ray.cluster_resources().get("CPU", 2))))
     draw = evaldata.draw((lake.table("docs"), inputs.get("docs")), (lake.table("assignments"), inputs.get("assignments")),
                          (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups) is not None else None,
-                         hold, e.seed, budget, e.max_per_source, e.max_doc_bytes, partitions, s3)
+                         hold, e.seed, seeds, budget, e.max_per_source, e.max_doc_bytes, partitions, s3)
     held = draw.role("heldout")
     if held.num_rows == 0:
         raise DataError(f"evaluate: no document is held out (evaluate.holdout_fraction={e.holdout_fraction}): "
                         "raise the fraction")
-    blended = evaldata.blended_prefix(lake.table("blended"), inputs.get("blended"), budget, s3)
+    blended = evaldata.blended_draws(lake.table("blended"), inputs.get("blended"), seeds, budget, s3)
     climb = mixture_weights(lake) if "climb" in e.baselines else None
-    sets = training_sets(draw, blended, budget, list(e.baselines), climb)
+    sets = [training_sets(draw, blended[i], budget, list(e.baselines), climb, i) for i in range(e.seeds)]
     if seen is not None:
         seen.update(draw=draw, blended=blended, sets=sets)
-    trained_ids = [i for segs in sets.values() for docs, _ in segs for i, _ in docs]
+    trained_ids = [i for by_mix in sets for segs in by_mix.values() for docs, _ in segs for i, _ in docs]
     if hold.mask(trained_ids).any():  # the hold-out's promise, checked on what the proxies read
         raise RuntimeError("evaluate: a training set holds a held-out document")
-    log.info("evaluate: %d held-out documents; mixes %s; %d seeds", held.num_rows, sorted(sets), e.seeds)
+    mixes = sorted({m for by_mix in sets for m in by_mix})
+    log.info("evaluate: %d held-out documents; mixes %s; %d seeds, each its own draw", held.num_rows, mixes, e.seeds)
     results = _train_all(sets, held.column("text").to_pylist(), cfg)
     rows = evaluation_rows(held, results, e.seed, run_id)
     write.record("evaluations", deltars.overwrite(lake.table("evaluations"), evaluations_table(rows), write.meta))
     cmp = spread.compare(rows)
-    return {"mixes": sorted(sets), "seeds": e.seeds, "held_out_scored": held.num_rows,
+    return {"mixes": mixes, "seeds": e.seeds, "held_out_scored": held.num_rows,
             "held_out_sources": len(set(held.column("group").to_pylist())), "proxy_tokens": e.proxy_tokens,
             "summaries": cmp["summaries"], "verdicts": cmp["verdicts"],
-            "training_docs": {m: sum(len(d) for d, _ in segs) for m, segs in sets.items()},
+            # per mix, per seed: the documents drawn, and the tokens each proxy trained on
+            "training_docs": {m: [sum(len(d) for d, _ in by_mix.get(m, [])) for by_mix in sets] for m in mixes},
+            "train_tokens": {m: [int(results[(m, i)]["tokens"]) if (m, i) in results else 0 for i in range(e.seeds)]
+                             for m in mixes},
             "seconds": round(time.time() - t0, 2)}
 
 

@@ -374,6 +374,8 @@ def _evaluation(rep: dict[str, Any]) -> str:
     sources = [[_e(g), _n(d.get("n_docs")), *[_mean_spread(d.get(m)) for m in mixes]] for g, d in ev["per_source"].items()]
     return (f"<p>Small byte-level proxy models, {_n(ev['seeds'])} seeds per mix, each trained on "
             f"{_n(ev['train_tokens'])} bytes of its mix, scored on held-out documents that no plan could draw. "
+            "Each seed draws its own documents of every mix (for blended, a random subsample of its rows), "
+            "so the range across seeds includes the data draw as well as the initialisation. "
             "Loss in bits per byte (lower is better): mean over seeds, with the range across seeds. "
             "<b>macro</b>: the mean over groups; <b>worst</b>: the group with the highest loss.</p>"
             + _table(["held-out loss", *[escape(m) for m in mixes]], rows)
