@@ -137,7 +137,7 @@ def draw(docs: tuple[str, int | None], assignments: tuple[str, int | None],
     import pyarrow.compute as pc
     import ray.data
 
-    docs_files, docs_rows = deltalog.file_counts(*docs)
+    docs_files, docs_rows = deltalog.file_counts(*docs, s3=s3)
     members = rayread.kept_members(assignments, duplicates, BLOCK_ROWS, partitions, s3)
     texts = ray.data.read_datasource(rayread.files_source(docs_files, docs_rows, ["id", "text", "domain"], BLOCK_ROWS,
                                                           s3=s3))
@@ -167,8 +167,8 @@ def blended_prefix(uri: str, version: int | None, budget: int, s3: S3Settings | 
     import pyarrow as pa
     import pyarrow.dataset as pds
 
-    files, _ = deltalog.file_counts(uri, version)
-    n_rows = deltalog.num_records(uri, version)
+    files, _ = deltalog.file_counts(uri, version, s3=s3)
+    n_rows = deltalog.num_records(uri, version, s3=s3)
     if not files:
         return pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
     filesystem, _ = lk.open_fs(files[0], s3)
@@ -211,7 +211,7 @@ def held_in(uri: str, version: int | None, holdout: Holdout, s3: S3Settings | No
     its ids, one number per block back to the driver."""
     import ray.data
 
-    files, rows = deltalog.file_counts(uri, version)
+    files, rows = deltalog.file_counts(uri, version, s3=s3)
     if not files:
         return 0
     ids = ray.data.read_datasource(rayread.files_source(files, rows, ["id"], BLOCK_ROWS, s3=s3))
