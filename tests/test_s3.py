@@ -147,6 +147,35 @@ def test_wrong_bucket_fails_fast_with_one_line_naming_the_path(s3, tmp_path):
     assert stats["failed"] == 0 and 1 <= stats["forwarded"] <= MAX_REQUESTS_BEFORE_A_PERMANENT_ERROR, stats
 
 
+def test_two_lakes_on_two_stores_in_one_process_each_reach_their_own(s3, tmp_path):
+    """One lake on the env's server, another on a second server named by its config's storage
+    section: each one's tables, files and lock land on its own store, whichever was used last."""
+    import pyarrow as pa
+
+    from clustermix import deltars
+    from clustermix.manifest import read_json, write_json
+
+    other = MotoServer(tmp_path / "moto-b.log")
+    try:
+        a = lk.Lake(f"s3://{BUCKET}/two", s3.settings)
+        b = lk.Lake.from_config(make_config(Path("/tmp/unused"), "builtin://bbc",
+                                            lake={"root": f"s3://{BUCKET}/two"}, storage={"endpoint": other.endpoint}))
+        assert a.root == b.root and (a.s3.endpoint, b.s3.endpoint) == (s3.endpoint, other.endpoint)
+        storage.boto3_client(b.s3).create_bucket(Bucket=BUCKET)
+        for lake, rows in ((a, [1, 2, 3]), (b, [10, 20]), (a, [4, 5, 6, 7])):
+            deltars.overwrite(lake.table("t"), pa.table({"x": rows}), {"run_id": "two"}, s3=lake.s3)
+            write_json(f"{lake.run_dir('two')}/manifest.json", {"rows": len(rows)}, s3=lake.s3)
+            lock = LakeLock(lake, "two", 3600)
+            lock.acquire()
+            lock.release()
+        assert deltalog.version(a.table("t"), s3=a.s3) == 1 and deltalog.num_records(a.table("t"), s3=a.s3) == 4
+        assert deltalog.version(b.table("t"), s3=b.s3) == 0 and deltalog.num_records(b.table("t"), s3=b.s3) == 2
+        assert read_json(f"{a.run_dir('two')}/manifest.json", s3=a.s3) == {"rows": 4}
+        assert read_json(f"{b.run_dir('two')}/manifest.json", s3=b.s3) == {"rows": 2}
+    finally:
+        other.stop()
+
+
 def test_transient_errors_are_retried_by_every_python_engine(s3):
     """Through a proxy that fails every third request once with a 503, pyarrow, delta-rs and the
     lock (boto3) still succeed: each retries with the settings of clustermix.storage (resolved from
