@@ -104,7 +104,7 @@ def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -
                         "spark": {"shuffle_partitions": spark.conf.get("spark.sql.shuffle.partitions")}})
     parts = cfg.spark.shuffle_partitions
     # pinned versions, as the pipeline's stages read their inputs (lake.read)
-    docs, asg, stats = (tableio.read(spark, lake, x, deltalog.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
+    docs, asg, stats = (tableio.read(spark, lake, x, deltalog.version(lake.table(x), s3=lake.s3)) for x in ("docs", "assignments", "cluster_stats"))
     best: dict[str, float] = {}
     per_round: list[dict[str, float]] = []
     # rounds alternate the two sides and keep each side's fastest time: the first rounds also warm the
@@ -127,7 +127,7 @@ def bench_one(spark, n: int, k: int, text_chars: int, rounds: int, work: Path) -
             blend_writer = tableio.TableWriter(lake, {"bench": True}, loading=ahead)
             blend_writer.prefetch(spark, ["blended"])
             run_blend(spark, stats, asg, docs, writer.read("sample_plan"), cfg.blend, cfg.sample, parts, blend_writer,
-                      plan_rows=deltalog.num_records(lake.table("sample_plan"), writer.versions["sample_plan"]))
+                      plan_rows=deltalog.num_records(lake.table("sample_plan"), writer.versions["sample_plan"], s3=lake.s3))
             blend_writer.settle()
         jit_b, jit_c = jit_mid - jit_start, jit_seconds(spark) - jit_mid
         print(f"  JIT compilation meanwhile (compiler threads, summed): baseline {jit_b:.1f} s, "

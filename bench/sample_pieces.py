@@ -42,7 +42,7 @@ def pieces(spark, lake: lk.Lake, n: int, parts: int, work: Path) -> dict:
     cfg = build_config({"lake": {"root": lake.root}, "input": {"path": "builtin://bbc"},
                         "sample": {"budget": budget, "clip": 4, "order": "random"},
                         "spark": {"shuffle_partitions": parts}})
-    docs, asg, stats = (tableio.read(spark, lake, x, deltalog.version(lake.table(x))) for x in ("docs", "assignments", "cluster_stats"))
+    docs, asg, stats = (tableio.read(spark, lake, x, deltalog.version(lake.table(x), s3=lake.s3)) for x in ("docs", "assignments", "cluster_stats"))
     writer = tableio.TableWriter(lake, {"bench": True})
     members = plan.members_frame(asg, docs, "uniform")
 

@@ -226,18 +226,18 @@ def run_size(n: int, args: argparse.Namespace, spark: Any, peaks: Peaks) -> dict
                  f"cluster.k={args.k}", f"cluster.niter={args.niter}", "cluster.num_shards=2",
                  f"sample.budget={max(1, n // 4)}", f"dedup.near.enabled={str(args.near).lower()}"]
     cfg = load_config(ROOT / "conf" / "local.yaml", overrides)
-    lake = Lake(cfg.lake.root)
+    lake = Lake.from_config(cfg)
     out: dict[str, Any] = {"n": n, "input_gib": round(input_bytes / 2**30, 3), "planted": planted, "stages": {}}
     st = out["stages"]
     with stage("ingest", peaks, st):
         run_stages(cfg, ("ingest",), spark=spark)
-    out["docs"] = deltalog.num_records(lake.table("docs"))
+    out["docs"] = deltalog.num_records(lake.table("docs"), s3=lake.s3)
     with stage("embeddings", peaks, st):  # the bench's stand-in for the embed stage (no model)
         write_embeddings(lake, args.dim, args.true_k, model_id(cfg.embed.model), seed=n)
     for name in ("cluster", "dedup", "stats", "sample", "blend"):  # dedup: semantic, off by default
         with stage(name, peaks, st):
             run_stages(cfg, (name,), spark=spark)
-    out["blended"] = deltalog.num_records(lake.table("blended"))
+    out["blended"] = deltalog.num_records(lake.table("blended"), s3=lake.s3)
     out["objective_sample_fit"] = objective(lake)
     if args.objective:
         full = load_config(ROOT / "conf" / "local.yaml", [*overrides, "cluster.max_points_per_centroid=1000000000"])

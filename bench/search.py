@@ -91,10 +91,10 @@ def stage_inputs(spark: Any, lake: lk.Lake, cfg: Config, inputs: dict[str, int],
     scfg = cfg.search
     clip = scfg.clip or cfg.sample.clip
     pool_tokens = scfg.pool_tokens_per_cluster or scfg.proxy_tokens
-    cents = deltars.read_small(lake.table("centroids"), inputs["centroids"], ["cluster_id", "centroid"])
+    cents = deltars.read_small(lake.table("centroids"), inputs["centroids"], ["cluster_id", "centroid"], s3=lake.s3)
     cents = cents.take(np.argsort(cents.column("cluster_id").to_numpy()))
     cluster_ids = cents.column("cluster_id").to_numpy().astype(np.int64)
-    target = pools.draw_target(scfg, deltalog.file_counts(lake.table("docs"), inputs["docs"]), None)
+    target = pools.draw_target(scfg, deltalog.file_counts(lake.table("docs"), inputs["docs"], s3=lake.s3), None)
     target_uri = lake.staging("bench_search_target", tag)
     Path(target_uri).mkdir(parents=True, exist_ok=True)
     pq.write_table(target, f"{target_uri}/part-0.parquet")
@@ -214,8 +214,8 @@ def main() -> None:
     with timed("lake: ingest, embed, cluster (if stale)", times):
         run_stages(cfg, ("ingest", "embed", "cluster"), spark=spark)
     ray_init(cfg)
-    lake = lk.Lake(cfg.lake.root)
-    inputs = {t: deltalog.version(lake.table(t)) for t in ("docs", "assignments", "centroids")}
+    lake = lk.Lake.from_config(cfg)
+    inputs = {t: deltalog.version(lake.table(t), s3=lake.s3) for t in ("docs", "assignments", "centroids")}
     tag = f"bench-search-{time.strftime('%Y%m%dT%H%M%S')}"
     writer = tableio.TableWriter(lake, {"run_id": tag, "stage": "search", "inputs": inputs, "bench": True})
     print(f"search: target domain {args.target!r}, iterations {scfg.iterations}, proxy {scfg.proxy_tokens} tokens",

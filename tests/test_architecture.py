@@ -144,6 +144,88 @@ def test_config_is_a_leaf():
     assert not [n for n in names if n.startswith("clustermix")]
 
 
+def _process_state(source: str) -> list[str]:
+    """What in a module's source could hold settings for the whole process: module-level names bound
+    to anything but an immutable constant (a str, number, tuple or frozenset of them), ``global``
+    statements, and writes to ``os.environ``. Empty for a module of pure functions and values."""
+
+    def immutable(v: ast.AST) -> bool:
+        if isinstance(v, ast.Constant):
+            return True
+        if isinstance(v, ast.Tuple):
+            return all(immutable(e) for e in v.elts)
+        if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "frozenset":
+            return all(isinstance(a, ast.Set | ast.Tuple | ast.List) and all(immutable(e) for e in a.elts)
+                       for a in v.args)
+        return False
+
+    def environ(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "environ"
+
+    def writes_environ(node: ast.AST) -> bool:
+        if isinstance(node, ast.Subscript):
+            return isinstance(node.ctx, ast.Store | ast.Del) and environ(node.value)
+        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and environ(node.func.value)
+                and node.func.attr in {"update", "setdefault", "pop", "clear", "__setitem__"})
+
+    tree = ast.parse(source)
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None and not immutable(node.value):
+            found.append(f"line {node.lineno}: module-level {ast.unparse(node).splitlines()[0]}")
+        elif isinstance(node, ast.AnnAssign) and node.value is None:
+            found.append(f"line {node.lineno}: module-level {ast.unparse(node)}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found.append(f"line {node.lineno}: global {', '.join(node.names)}")
+        elif writes_environ(node):
+            found.append(f"line {node.lineno}: writes os.environ")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "putenv":
+            found.append(f"line {node.lineno}: os.putenv")
+    return found
+
+
+def test_storage_settings_are_passed_never_process_state():
+    """Object-store settings are a value (``S3Settings``, carried by a ``Lake``, passed as ``s3=``):
+    :mod:`clustermix.storage` keeps nothing for the process and exports nothing into the environment,
+    and nothing in the package sets them globally or writes AWS variables into ``os.environ``."""
+    from clustermix import storage
+
+    assert _process_state((PACKAGE / "storage.py").read_text()) == []
+    for gone in ("configure", "apply_env", "settings_for", "_state", "_lock"):
+        assert not hasattr(storage, gone), gone
+    aws_writes = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store)
+                    and isinstance(node.slice, ast.Constant) and str(node.slice.value).startswith("AWS_")
+                    and "environ" in ast.unparse(node.value)):
+                aws_writes.append(f"{path.name}:{node.lineno}")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in {"configure", "apply_env"}
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "storage"):
+                aws_writes.append(f"{path.name}:{node.lineno}: storage.{node.func.attr}")
+    assert aws_writes == []
+
+
+def test_the_state_finder_finds_planted_globals():
+    planted = """
+import os, threading
+SCHEMES = ("s3://", "s3a://")
+CODES = frozenset({"412", "409"})
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_cfg: object
+def configure(cfg):
+    global _cfg
+    _cfg = cfg
+    os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint
+    os.environ.update({"AWS_REGION": cfg.region})
+"""
+    found = _process_state(planted)
+    assert [f.split(":")[0] for f in found] == ["line 5", "line 6", "line 7", "line 9", "line 11", "line 12"], found
+
+
 def test_every_table_has_one_producer_and_every_read_is_written_earlier():
     seen: set[str] = set()
     for stage in registry.STAGES:

@@ -184,23 +184,21 @@ def test_maintain_on_s3(tmp_path):
                 mp.setenv(key, value)
         cfg = make_config(tmp_path, "builtin://bbc", lake={"root": "s3://maintained/lake"},
                           maintain={"retention_hours": 0})
-        storage.configure(cfg.storage)
-        storage.boto3_client().create_bucket(Bucket="maintained")
-        lake = Lake(cfg.lake.root)
+        lake = Lake.from_config(cfg)  # the config's storage section (no endpoint: the env's)
+        storage.boto3_client(lake.s3).create_bucket(Bucket="maintained")
         for i in range(3):
             record_run(lake, {"run_id": f"r{i}", "outcome": "succeeded", "stages": {}})
         uri = lake.table("runs")
-        opts = deltalog.storage_options(uri)
+        opts = deltalog.storage_options(uri, lake.s3)
         before = _sorted_rows(DeltaTable(uri, storage_options=opts))
         (rec,) = run_maintain(cfg, "maintain-s3")
         assert (rec.table, rec.files_before, rec.files_after, rec.compacted_files, rec.vacuumed_files) == \
             ("runs", 3, 1, 3, 3)
         assert _sorted_rows(DeltaTable(uri, storage_options=opts)) == before
-        assert deltalog.data_version(uri) == 2
-        assert storage.read_json_object(f"{lake.root}/_lock.json") is None  # the lock was released
+        assert deltalog.data_version(uri, s3=lake.s3) == 2
+        assert storage.read_json_object(f"{lake.root}/_lock.json", s3=lake.s3) is None  # the lock was released
     finally:
         mp.undo()
-        storage.configure(make_config(Path("/tmp/unused"), "builtin://bbc").storage)
         server.stop()
 
 

@@ -1,7 +1,8 @@
 """The lake on object storage: every engine against a real S3 server (moto in server mode) on loopback.
 
 Endpoint, region and credentials reach the code only through the standard AWS environment variables,
-as they would on a cluster. Spark runs in subprocesses (the ``clustermix`` CLI, a writer script):
+as they would on a cluster; in this process, the settings resolved from them are passed explicitly
+(``S3``, as a lake carries them: ``lake.s3``). Spark runs in subprocesses (the ``clustermix`` CLI, a writer script):
 its s3a jars and settings are fixed when its JVM starts, and the session-wide ``spark`` fixture has none.
 """
 
@@ -32,24 +33,25 @@ MAX_REQUESTS_BEFORE_A_PERMANENT_ERROR = 2  # one measured; storage.retries (5) r
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server with one bucket; the AWS variables point this process at it meanwhile."""
+    """A moto S3 server with one bucket; the AWS variables point this process at it meanwhile, and
+    ``server.settings`` are the S3 settings resolved from them (what a lake of this config carries)."""
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
     mp = pytest.MonkeyPatch()
     for key, value in env_for(server.endpoint).items():
         if key.startswith("AWS_"):
             mp.setenv(key, value)
-    storage.configure(make_config(Path("/tmp/unused"), "builtin://bbc").storage)  # no config endpoint: env
-    storage.boto3_client().create_bucket(Bucket=BUCKET)
+    server.settings = storage.settings(make_config(Path("/tmp/unused"), "builtin://bbc").storage)  # no config endpoint: env
+    storage.boto3_client(server.settings).create_bucket(Bucket=BUCKET)
     yield server
     mp.undo()
     server.stop()
 
 
-def _delta_log(uri: str) -> list[dict]:
+def _delta_log(uri: str, s3: storage.S3Settings) -> list[dict]:
     """Every commit file of a table's log, parsed (a corrupt one fails the JSON parse)."""
     from pyarrow import fs as pafs
 
-    filesystem, base = lk.open_fs(f"{uri}/_delta_log")
+    filesystem, base = lk.open_fs(f"{uri}/_delta_log", s3)
     infos = filesystem.get_file_info(pafs.FileSelector(base))
     commits = sorted(i.path for i in infos if i.path.endswith(".json"))
     out = []
@@ -67,7 +69,7 @@ def test_concurrent_delta_rs_writers_lose_no_commit(s3):
     from deltalake import DeltaTable, write_deltalake
 
     uri = f"s3://{BUCKET}/concurrency/delta_rs"
-    opts = deltalog.storage_options(uri)
+    opts = deltalog.storage_options(uri, s3.settings)
     write_deltalake(uri, pa.table({"writer": [-1], "i": [-1]}), mode="append", storage_options=opts)
     n, errors = 6, []
 
@@ -86,7 +88,7 @@ def test_concurrent_delta_rs_writers_lose_no_commit(s3):
     assert errors == []
     dt = DeltaTable(uri, storage_options=opts)
     assert dt.version() == 2 * n
-    log = _delta_log(uri)
+    log = _delta_log(uri, s3.settings)
     assert [c["version"] for c in log] == list(range(2 * n + 1))
     assert all(any("commitInfo" in a for a in c["actions"]) for c in log)
     rows = dt.to_pyarrow_table().to_pylist()
@@ -97,7 +99,7 @@ def test_two_runs_racing_for_an_s3_lake_one_wins(s3):
     """The run lock on S3 is a conditional write: of runs starting at once, exactly one gets the lake."""
     from clustermix.errors import LakeBusyError
 
-    lake = lk.Lake(f"s3://{BUCKET}/race")
+    lake = lk.Lake(f"s3://{BUCKET}/race", s3.settings)
     locks = [LakeLock(lake, f"run-{i}", 3600) for i in range(4)]
     won, busy = [], []
     barrier = threading.Barrier(len(locks))
@@ -121,7 +123,8 @@ def test_two_runs_racing_for_an_s3_lake_one_wins(s3):
     again = LakeLock(lake, "run-later", 3600)
     again.acquire()  # released: free again
     # a stale lock (its run died long ago) is taken over
-    storage.put_json_if(again.uri, {"run_id": "dead", "pid": -1, "host": "elsewhere", "time": 0}, absent=False)
+    storage.put_json_if(again.uri, {"run_id": "dead", "pid": -1, "host": "elsewhere", "time": 0}, s3=s3.settings,
+                        absent=False)
     LakeLock(lake, "run-after-crash", 3600).acquire()
 
 
@@ -144,9 +147,39 @@ def test_wrong_bucket_fails_fast_with_one_line_naming_the_path(s3, tmp_path):
     assert stats["failed"] == 0 and 1 <= stats["forwarded"] <= MAX_REQUESTS_BEFORE_A_PERMANENT_ERROR, stats
 
 
+def test_two_lakes_on_two_stores_in_one_process_each_reach_their_own(s3, tmp_path):
+    """One lake on the env's server, another on a second server named by its config's storage
+    section: each one's tables, files and lock land on its own store, whichever was used last."""
+    import pyarrow as pa
+
+    from clustermix import deltars
+    from clustermix.manifest import read_json, write_json
+
+    other = MotoServer(tmp_path / "moto-b.log")
+    try:
+        a = lk.Lake(f"s3://{BUCKET}/two", s3.settings)
+        b = lk.Lake.from_config(make_config(Path("/tmp/unused"), "builtin://bbc",
+                                            lake={"root": f"s3://{BUCKET}/two"}, storage={"endpoint": other.endpoint}))
+        assert a.root == b.root and (a.s3.endpoint, b.s3.endpoint) == (s3.endpoint, other.endpoint)
+        storage.boto3_client(b.s3).create_bucket(Bucket=BUCKET)
+        for lake, rows in ((a, [1, 2, 3]), (b, [10, 20]), (a, [4, 5, 6, 7])):
+            deltars.overwrite(lake.table("t"), pa.table({"x": rows}), {"run_id": "two"}, s3=lake.s3)
+            write_json(f"{lake.run_dir('two')}/manifest.json", {"rows": len(rows)}, s3=lake.s3)
+            lock = LakeLock(lake, "two", 3600)
+            lock.acquire()
+            lock.release()
+        assert deltalog.version(a.table("t"), s3=a.s3) == 1 and deltalog.num_records(a.table("t"), s3=a.s3) == 4
+        assert deltalog.version(b.table("t"), s3=b.s3) == 0 and deltalog.num_records(b.table("t"), s3=b.s3) == 2
+        assert read_json(f"{a.run_dir('two')}/manifest.json", s3=a.s3) == {"rows": 4}
+        assert read_json(f"{b.run_dir('two')}/manifest.json", s3=b.s3) == {"rows": 2}
+    finally:
+        other.stop()
+
+
 def test_transient_errors_are_retried_by_every_python_engine(s3):
     """Through a proxy that fails every third request once with a 503, pyarrow, delta-rs and the
-    lock (boto3) still succeed: each retries with the settings of clustermix.storage."""
+    lock (boto3) still succeed: each retries with the settings of clustermix.storage (resolved from
+    the env that points at the proxy, and passed explicitly)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from deltalake import DeltaTable, write_deltalake
@@ -155,17 +188,20 @@ def test_transient_errors_are_retried_by_every_python_engine(s3):
     mp = pytest.MonkeyPatch()
     mp.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     try:
+        flaky = storage.settings(make_config(Path("/tmp/unused"), "builtin://bbc").storage)
+        assert flaky.endpoint == proxy.endpoint
         base = f"s3://{BUCKET}/flaky"
-        filesystem, path = lk.open_fs(f"{base}/files/a.parquet")
+        filesystem, path = lk.open_fs(f"{base}/files/a.parquet", flaky)
         for _ in range(3):
             pq.write_table(pa.table({"x": list(range(100))}), path, filesystem=filesystem)
             assert pq.read_table(path, filesystem=filesystem).num_rows == 100
         uri = f"{base}/table"
         for i in range(3):
-            write_deltalake(uri, pa.table({"i": [i]}), mode="append", storage_options=deltalog.storage_options(uri))
-        assert deltalog.version(uri) == 2 and deltalog.num_records(uri) == 3
-        assert DeltaTable(uri, storage_options=deltalog.storage_options(uri)).to_pyarrow_table().num_rows == 3
-        lock = LakeLock(lk.Lake(base), "flaky-run", 3600)
+            write_deltalake(uri, pa.table({"i": [i]}), mode="append",
+                            storage_options=deltalog.storage_options(uri, flaky))
+        assert deltalog.version(uri, s3=flaky) == 2 and deltalog.num_records(uri, s3=flaky) == 3
+        assert DeltaTable(uri, storage_options=deltalog.storage_options(uri, flaky)).to_pyarrow_table().num_rows == 3
+        lock = LakeLock(lk.Lake(base, flaky), "flaky-run", 3600)
         lock.acquire()
         lock.release()
         stats = proxy.stats()
@@ -179,12 +215,11 @@ SPARK_WRITERS = """
 import sys, threading, yaml
 from clustermix.config import build_config
 from clustermix.runtime import spark_session
-from clustermix import deltalog, storage
+from clustermix import deltalog
 from clustermix import lake as lk
 cfg = build_config(yaml.safe_load(open(sys.argv[1])))
-storage.configure(cfg.storage)
 spark = spark_session(cfg)
-lake = lk.Lake(cfg.lake.root)
+lake = lk.Lake.from_config(cfg)
 spark.range(1).selectExpr("-1 AS writer", "-1 AS i").write.format("delta").save(lake.spark_uri("spark_appends"))
 def writer(w):
     for i in range(int(sys.argv[2])):
@@ -193,7 +228,7 @@ def writer(w):
 threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
 [t.start() for t in threads]
 [t.join() for t in threads]
-print("versions", deltalog.version(lake.table("spark_appends")))
+print("versions", deltalog.version(lake.table("spark_appends"), s3=lake.s3))
 """
 
 
@@ -211,9 +246,9 @@ def test_concurrent_spark_writers_in_one_driver_lose_no_commit(s3, tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     uri = f"{root}/spark_appends"
-    log = _delta_log(uri)
+    log = _delta_log(uri, s3.settings)
     assert [c["version"] for c in log] == list(range(2 * n + 1))
-    rows = DeltaTable(uri, storage_options=deltalog.storage_options(uri)).to_pyarrow_table().to_pylist()
+    rows = DeltaTable(uri, storage_options=deltalog.storage_options(uri, s3.settings)).to_pyarrow_table().to_pylist()
     assert sorted((r["writer"], r["i"]) for r in rows if r["writer"] >= 0) == [(w, i) for w in range(2) for i in range(n)]
 
 
@@ -224,8 +259,9 @@ def test_whole_pipeline_with_input_and_lake_on_s3(s3, tmp_path, bbc_slice):
 
     from clustermix.manifest import read_json
 
+    S3 = s3.settings
     src = f"s3://{BUCKET}/raw/bbc/part-0.jsonl"
-    filesystem, path = lk.open_fs(src)
+    filesystem, path = lk.open_fs(src, S3)
     with filesystem.open_output_stream(path) as fh:
         fh.write(bbc_slice.read_bytes())
     root = f"s3://{BUCKET}/lake"
@@ -237,15 +273,15 @@ def test_whole_pipeline_with_input_and_lake_on_s3(s3, tmp_path, bbc_slice):
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     seconds = time.time() - t0
     blended = f"{root}/blended"
-    assert DeltaTable(blended, storage_options=deltalog.storage_options(blended)).to_pyarrow_table().num_rows == 150
+    assert DeltaTable(blended, storage_options=deltalog.storage_options(blended, S3)).to_pyarrow_table().num_rows == 150
     manifest_line = next(line for line in proc.stdout.splitlines() if line.startswith("manifest: "))
-    manifest = read_json(manifest_line.removeprefix("manifest: "))
+    manifest = read_json(manifest_line.removeprefix("manifest: "), s3=S3)
     assert manifest["outcome"] == "succeeded" and manifest["lake_root"] == root
     assert manifest["stages"]["ingest"]["counts"]["read"] == 70
     assert all(manifest["stages"][s]["status"] == "ran" for s in ("ingest", "embed", "cluster", "stats",
                                                                   "sample", "blend"))
-    assert deltalog.num_records(f"{root}/docs") == manifest["stages"]["ingest"]["counts"]["accepted"]
-    assert storage.read_json_object(f"{root}/_lock.json") is None  # the run released the lake
+    assert deltalog.num_records(f"{root}/docs", s3=S3) == manifest["stages"]["ingest"]["counts"]["accepted"]
+    assert storage.read_json_object(f"{root}/_lock.json", s3=S3) is None  # the run released the lake
     print(f"pipeline on s3: {seconds:.0f} s")
     # the console of a successful run: progress and the summary, no traceback, no engine's warning;
     # the engines' output is in the run's log, copied into the lake
@@ -255,7 +291,7 @@ def test_whole_pipeline_with_input_and_lake_on_s3(s3, tmp_path, bbc_slice):
     log_line = next(line for line in proc.stdout.splitlines() if line.startswith("log: "))
     log_uri = log_line.removeprefix("log: ")
     assert log_uri == f"{root}/runs/{manifest['run_id']}/run.log"
-    log_fs, log_path = lk.open_fs(log_uri)
+    log_fs, log_path = lk.open_fs(log_uri, S3)
     with log_fs.open_input_stream(log_path) as fh:
         log_text = fh.read().decode()
     assert "clustermix.pipeline: blend: running" in log_text
@@ -278,15 +314,16 @@ def test_whole_pipeline_with_input_and_lake_on_s3(s3, tmp_path, bbc_slice):
                               text=True, timeout=1500, cwd=ROOT)
         assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     manifest = read_json(next(line for line in proc.stdout.splitlines()
-                              if line.startswith("manifest: ")).removeprefix("manifest: "))
+                              if line.startswith("manifest: ")).removeprefix("manifest: "), s3=S3)
     assert manifest["mode"] == "refresh" and [p.rsplit("/", 1)[-1] for p in manifest["inputs_taken"]] == [
         "part-2.jsonl"]
     assert manifest["stages"]["ingest"]["counts"]["accepted"] == 12
     assert manifest["drift"]["new_docs"] == 12
-    assert deltalog.num_records(f"{root}/docs") == deltalog.num_records(f"{root}/assignments") == accepted0 + 12
+    assert deltalog.num_records(f"{root}/docs", s3=S3) == deltalog.num_records(f"{root}/assignments", s3=S3) == \
+        accepted0 + 12
     from clustermix import runs
 
-    recorded = runs.read_runs(lk.Lake(root))
+    recorded = runs.read_runs(lk.Lake(root, S3))
     assert [(r["mode"], r["outcome"]) for r in recorded] == [("run", "succeeded"), ("bootstrap", "succeeded"),
                                                               ("refresh", "succeeded")]
 
@@ -305,7 +342,8 @@ def test_bad_input_files_on_s3_are_checked_by_executors_and_skipped(s3, tmp_path
     whole = gzip.compress(body.encode())
     cut = whole[: len(whole) // 2]
     kept = zlib.decompressobj(wbits=31).decompress(cut).count(b"\n")
-    filesystem, _ = lk.open_fs(f"s3://{BUCKET}")
+    S3 = s3.settings
+    filesystem, _ = lk.open_fs(f"s3://{BUCKET}", S3)
     files = {"a.jsonl": "".join(json.dumps({"id": f"a{i}", "text": f"whole document {i}"}) + "\n"
                                 for i in range(6)).encode(), "b-cut.jsonl.gz": cut, "c-fake.jsonl.gz": b"plain"}
     for name, data in files.items():
@@ -321,17 +359,17 @@ def test_bad_input_files_on_s3_are_checked_by_executors_and_skipped(s3, tmp_path
     assert "Traceback" not in out and "Py4JJavaError" not in out
     assert f"skipped input file s3://{BUCKET}/raw/bad/c-fake.jsonl.gz: wrong_format" in out, out[-6000:]
     manifest = read_json(next(ln for ln in proc.stdout.splitlines() if ln.startswith("manifest: ")).removeprefix(
-        "manifest: "))
+        "manifest: "), s3=S3)
     c = manifest["stages"]["ingest"]["counts"]
     assert (c["accepted"], c["files_seen"], c["files_ingested"], c["files_skipped"]) == (6 + kept, 3, 2, 1)
     assert c["per_file"][f"{BUCKET}/raw/bad/b-cut.jsonl.gz"]["read"] == kept
     from deltalake import DeltaTable
 
-    bad = DeltaTable(f"{root}/bad_files", storage_options=deltalog.storage_options(root)).to_pyarrow_table().to_pylist()
+    bad = DeltaTable(f"{root}/bad_files", storage_options=deltalog.storage_options(root, S3)).to_pyarrow_table().to_pylist()
     assert sorted((r["path"], r["reason"], r["status"]) for r in bad) == [
         (f"s3://{BUCKET}/raw/bad/b-cut.jsonl.gz", "truncated", "partial"),
         (f"s3://{BUCKET}/raw/bad/c-fake.jsonl.gz", "wrong_format", "skipped")]
-    sources = {r["source_file"] for r in DeltaTable(f"{root}/docs", storage_options=deltalog.storage_options(root))
+    sources = {r["source_file"] for r in DeltaTable(f"{root}/docs", storage_options=deltalog.storage_options(root, S3))
                .to_pyarrow_table(columns=["source_file"]).to_pylist()}
     assert sources == {f"s3a://{BUCKET}/raw/bad/a.jsonl", f"s3a://{BUCKET}/raw/bad/b-cut.jsonl.gz"}
     from pyarrow import fs as pafs

@@ -21,6 +21,7 @@ from clustermix.drift import Decision, decide, measure
 
 if TYPE_CHECKING:
     from clustermix.stage import Context
+    from clustermix.storage import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     ctx.ray()
     lake, cfg, write = ctx.lake, ctx.cfg, ctx.write
     model = model_id(cfg.embed.model)
-    fitted = deltars.read_small(lake.table("centroids"), inputs["centroids"], ["k", "model"]).slice(0, 1).to_pylist()
+    fitted = deltars.read_small(lake.table("centroids"), inputs["centroids"], ["k", "model"], s3=lake.s3).slice(0, 1).to_pylist()
     config_changed = not fitted or fitted[0]["k"] != cfg.cluster.k or fitted[0]["model"] != model
     found = None
     if not config_changed:
@@ -68,14 +69,15 @@ def _summary(decision: Decision, n_new: int) -> dict[str, Any]:
             "drift": decision.figures}
 
 
-def _per_cluster(files: list[str], k: int, far_score: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _per_cluster(files: list[str], k: int, far_score: float | None,
+                 s3: S3Settings | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-cluster count, score sum and (with ``far_score``) count of scores below it, streamed from the
     (cluster_id, score) columns of ``files``: O(K) state."""
     import pyarrow.parquet as pq
 
     n, s, f = np.zeros(k), np.zeros(k), np.zeros(k)
     for uri in files:
-        filesystem, path = lk.open_fs(uri)
+        filesystem, path = lk.open_fs(uri, s3)
         with filesystem.open_input_file(path) as fh:
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=["cluster_id", "score"]):
                 c = batch.column("cluster_id").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -91,9 +93,9 @@ def _per_cluster(files: list[str], k: int, far_score: float | None) -> tuple[np.
 
 def _figures(ctx: Context, staging: str | None, k: int) -> dict[str, Any]:
     """Per-cluster counts and score sums of the old assignments and the new ones (K numbers each)."""
-    old_n, old_s, _ = _per_cluster(deltalog.file_uris(ctx.lake.table("assignments")), k, None)
-    new_files = lk.list_parquet(staging) if staging else []
-    new_n, new_s, new_f = _per_cluster(new_files, k, ctx.cfg.refresh.far_score)
+    old_n, old_s, _ = _per_cluster(deltalog.file_uris(ctx.lake.table("assignments"), s3=ctx.lake.s3), k, None, ctx.lake.s3)
+    new_files = lk.list_parquet(staging, s3=ctx.lake.s3) if staging else []
+    new_n, new_s, new_f = _per_cluster(new_files, k, ctx.cfg.refresh.far_score, ctx.lake.s3)
     return measure(old_n, old_s, new_n, new_s, new_f)
 
 
@@ -111,8 +113,8 @@ def _commit_assignments(ctx: Context, staging: str | None, stale: Any) -> None:
     def batches() -> Any:
         import pyarrow.parquet as pq
 
-        for f in lk.list_parquet(staging) if staging else []:
-            filesystem, path = lk.open_fs(f)
+        for f in lk.list_parquet(staging, s3=ctx.lake.s3) if staging else []:
+            filesystem, path = lk.open_fs(f, ctx.lake.s3)
             with filesystem.open_input_file(path) as fh:
                 for b in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=schema.names):
                     t = pa.Table.from_batches([b]).cast(schema)
@@ -122,4 +124,4 @@ def _commit_assignments(ctx: Context, staging: str | None, stale: Any) -> None:
                                    pa.array([True] * len(stale))], schema=source_schema)
 
     source = pa.RecordBatchReader.from_batches(source_schema, batches())
-    ctx.write.record("assignments", deltars.merge_by_id(uri, source, schema.names, ctx.write.meta))
+    ctx.write.record("assignments", deltars.merge_by_id(uri, source, schema.names, ctx.write.meta, s3=ctx.lake.s3))

@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 
     from pyspark.sql import DataFrame, SparkSession
 
-    from clustermix.config import Config, InputConfig, StorageConfig
+    from clustermix.config import Config, InputConfig
     from clustermix.inputs import InputSpec
     from clustermix.lake import Lake
+    from clustermix.storage import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +74,23 @@ class Checked:
 def check_input(spark: SparkSession, cfg: Config, spec: InputSpec, lake: Lake, run_id: str) -> Checked:
     """Check every file of ``spec``; raise :class:`BadInputFile` under ``fail`` (before anything is
     written) or when no file is usable; under ``skip``, log one line per bad file."""
+    from clustermix import storage
     from clustermix.lake import open_fs
 
     mode, icfg = cfg.ingest.on_bad_file, cfg.input
+    s3 = storage.settings(cfg.storage)  # the input's object store, as the config's storage section says
     staging = lake.staging("ingest", run_id) if mode == "skip" and spec.format == "jsonl" else None
     if spec.format == "delta":  # one schema, in the log: checked once; the data files by their footers
-        items, casts = _delta_files(spec, icfg)
+        items, casts = _delta_files(spec, icfg, s3)
         verdicts = [v if v.reason else replace(v, casts=casts)
-                    for v in _check_all(spark, items, "parquet", None, spec.path, cfg.storage, None)]
+                    for v in _check_all(spark, items, "parquet", None, spec.path, s3, None, None)]
         hidden = 0
     else:
         listed = sorted((p, int(v[0])) for p, v in spec.listing["files"].items())
-        base = open_fs(spec.path)[1].rstrip("/")
+        base = open_fs(spec.path, s3)[1].rstrip("/")
         items = [it for it in listed if not _in_hidden_folder(base, it[0])]
         hidden = len(listed) - len(items)
-        verdicts = _check_all(spark, items, spec.format, icfg, spec.path, cfg.storage, staging)
+        verdicts = _check_all(spark, items, spec.format, icfg, spec.path, s3, staging, lake.s3)
     checked = Checked(spec, verdicts, staging, hidden)
     bad = checked.bad
     for v in bad:
@@ -100,7 +103,7 @@ def check_input(spark: SparkSession, cfg: Config, spec: InputSpec, lake: Lake, r
                            "the other files and record it in the bad_files table")
     _some_usable(checked)
     if bad and spec.format == "delta":
-        _delta_readable_without(spec, bad)
+        _delta_readable_without(spec, bad, s3)
     for v in bad[:SHOWN]:
         then = "; its complete records are ingested" if v.status == "partial" else ""
         log.warning("ingest: %s input file %s: %s: %s%s", v.status, _shown(spec, v.path), v.reason, v.detail, then)
@@ -144,13 +147,16 @@ def _spark_path(spec: InputSpec, path: str) -> str:
 
 
 def _check_all(spark: SparkSession, items: list[tuple[str, int]], fmt: str, icfg: InputConfig | None, root: str,
-               storage_cfg: StorageConfig, staging: str | None) -> list[Verdict]:
-    """One verdict per file, checked by Spark tasks; the files are spread over the tasks by size."""
+               s3: S3Settings, staging: str | None, staging_s3: S3Settings | None) -> list[Verdict]:
+    """One verdict per file, checked by Spark tasks; the files are spread over the tasks by size. ``s3``
+    and ``staging_s3``: the driver's object-store settings of the input and of the staging folder,
+    handed to the executors (which have none of their own)."""
     if not items:
         return []
     sc = spark.sparkContext
     bins = balance(items, min(len(items), max(1, sc.defaultParallelism) * 4))
-    task = functools.partial(_check_bin, fmt=fmt, icfg=icfg, root=root, storage_cfg=storage_cfg, staging=staging)
+    task = functools.partial(_check_bin, fmt=fmt, icfg=icfg, root=root, s3=s3, staging=staging,
+                             staging_s3=staging_s3)
     sc.setJobDescription(f"ingest: check {len(items)} input files")
     try:
         verdicts = sc.parallelize(bins, len(bins)).flatMap(task).collect()
@@ -173,27 +179,26 @@ def balance(items: list[tuple[str, int]], n: int) -> list[list[tuple[str, int]]]
 
 
 def _check_bin(items: list[tuple[str, int]], fmt: str, icfg: InputConfig | None, root: str,
-               storage_cfg: StorageConfig, staging: str | None) -> list[Verdict]:
-    """A Spark task: check a few files (on the executor, which reaches the store as configured)."""
+               s3: S3Settings, staging: str | None, staging_s3: S3Settings | None) -> list[Verdict]:
+    """A Spark task: check a few files (on the executor, with the driver's object-store settings)."""
     import hashlib
 
-    from clustermix import storage
     from clustermix.filecheck import check_file
     from clustermix.lake import open_fs
 
-    storage.configure(storage_cfg)
-    filesystem, _ = open_fs(root)
+    filesystem, _ = open_fs(root, s3)
 
     def stage_to(path: str) -> str:
         return f"{staging}/{hashlib.sha256(path.encode()).hexdigest()[:24]}.jsonl"
 
-    return [check_file(filesystem, p, size, fmt, icfg, stage_to if staging else None) for p, size in items]
+    return [check_file(filesystem, p, size, fmt, icfg, stage_to if staging else None, s3=staging_s3)
+            for p, size in items]
 
 
 # --- a Delta table as input ----------------------------------------------------------------------
 
 
-def _delta_files(spec: InputSpec, icfg: InputConfig) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
+def _delta_files(spec: InputSpec, icfg: InputConfig, s3: S3Settings) -> tuple[list[tuple[str, int]], tuple[str, ...]]:
     """The data files (path, size) of the input table's version and the casts its columns need: a table
     has one schema, so a table that does not fit the contract is bad as a whole, whatever
     ``on_bad_file``."""
@@ -206,25 +211,25 @@ def _delta_files(spec: InputSpec, icfg: InputConfig) -> tuple[list[tuple[str, in
     from clustermix.filecheck import _Bad, check_columns
     from clustermix.lake import open_fs
 
-    dt = DeltaTable(spec.path, version=spec.listing["delta_version"], storage_options=storage_options(spec.path))
+    dt = DeltaTable(spec.path, version=spec.listing["delta_version"], storage_options=storage_options(spec.path, s3))
     try:
         casts = check_columns(pa.schema(dt.schema().to_arrow()), icfg)
     except _Bad as bad:
         raise BadInputFile(f"bad input table {spec.path}: {bad.reason}: {bad.detail}") from None
     acts = pa.table(dt.get_add_actions(flatten=True))
-    base = open_fs(spec.path)[1]
+    base = open_fs(spec.path, s3)[1]
     return sorted((f"{base}/{unquote(p)}", int(s)) for p, s in zip(
         acts.column("path").to_pylist(), acts.column("size_bytes").to_pylist(), strict=True)), casts
 
 
-def _delta_readable_without(spec: InputSpec, bad: list[Verdict]) -> None:
+def _delta_readable_without(spec: InputSpec, bad: list[Verdict], s3: S3Settings) -> None:
     """A table's good data files can be read alone, as Parquet, only when those files are the whole
     truth: no partition values (kept in the log), column mapping or deletion vectors."""
     from deltalake import DeltaTable
 
     from clustermix.deltalog import storage_options
 
-    dt = DeltaTable(spec.path, version=spec.listing["delta_version"], storage_options=storage_options(spec.path))
+    dt = DeltaTable(spec.path, version=spec.listing["delta_version"], storage_options=storage_options(spec.path, s3))
     if dt.protocol().min_reader_version > 1 or dt.metadata().partition_columns:
         raise BadInputFile(f"bad data file {bad[0].path} in input table {spec.path}: {bad[0].reason}: "
                            f"{bad[0].detail}; the table has partition columns, column mapping or deletion "
@@ -445,7 +450,7 @@ def verify(result: dict[str, Any], lake: Lake | None = None) -> None:
         raise AccountingError(f"ingest read records from skipped file {leaked[0]}")
     if lake is not None:
         n_bad = result["files_skipped"] + result["files_partial"]
-        if num_records(lake.table(TABLE)) != n_bad:
+        if num_records(lake.table(TABLE), s3=lake.s3) != n_bad:
             raise AccountingError(f"the {TABLE} table does not hold this run's {n_bad} bad input files")
 
 
@@ -457,9 +462,9 @@ def bad_in(lake: Lake, paths: list[str]) -> dict[str, tuple[str, str]]:
     from clustermix.deltalog import storage_options, version
 
     uri = lake.table(TABLE)
-    if version(uri) is None or not paths:
+    if version(uri, s3=lake.s3) is None or not paths:
         return {}
-    rows = DeltaTable(uri, storage_options=storage_options(uri)).to_pyarrow_table(
+    rows = DeltaTable(uri, storage_options=storage_options(uri, lake.s3)).to_pyarrow_table(
         columns=["source_file", "status", "reason"]).to_pylist()
     wanted = set(paths)
     return {listed_path(r["source_file"]): (r["status"], r["reason"]) for r in rows

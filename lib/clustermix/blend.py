@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from clustermix.config import BlendConfig, Config, SampleConfig
     from clustermix.lake import Lake
     from clustermix.stage import Context
+    from clustermix.storage import S3Settings
 
 
 def proportional_targets(sizes: ClusterSizes, weights: dict[str, float]) -> np.ndarray:
@@ -64,13 +65,14 @@ def quality_targets(sizes: ClusterSizes, alpha: float) -> np.ndarray:
     return uniform_targets(sizes) * q**alpha
 
 
-def mixture_targets(sizes: ClusterSizes, path: str) -> np.ndarray:
-    """Weights per cluster from a JSON/YAML file; clusters it does not name get weight 0."""
+def mixture_targets(sizes: ClusterSizes, path: str, *, s3: S3Settings | None = None) -> np.ndarray:
+    """Weights per cluster from a JSON/YAML file (``s3``: its object store's settings when it is on
+    ``s3://``); clusters it does not name get weight 0."""
     import yaml
 
     from clustermix.lake import open_fs
 
-    filesystem, p = open_fs(path)
+    filesystem, p = open_fs(path, s3)
     with filesystem.open_input_stream(p) as fh:
         raw = fh.read().decode()
     doc = json.loads(raw) if path.endswith(".json") else yaml.safe_load(raw)
@@ -90,28 +92,30 @@ def mixture_targets(sizes: ClusterSizes, path: str) -> np.ndarray:
     return t
 
 
-def targets_for(bcfg: BlendConfig, sizes: ClusterSizes) -> np.ndarray:
+def targets_for(bcfg: BlendConfig, sizes: ClusterSizes, *, s3: S3Settings | None = None) -> np.ndarray:
     if bcfg.mode == "proportional":
         return proportional_targets(sizes, bcfg.domain_weights)
     if bcfg.mode == "quality":
         return quality_targets(sizes, bcfg.quality_alpha)
     if bcfg.mode == "mixture":
         assert bcfg.mixture_path is not None
-        return mixture_targets(sizes, bcfg.mixture_path)
+        return mixture_targets(sizes, bcfg.mixture_path, s3=s3)
     return uniform_targets(sizes)
 
 
 def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, docs: DataFrame, sample_plan: DataFrame,
-              bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any, plan_rows: int) -> dict[str, Any]:
+              bcfg: BlendConfig, scfg: SampleConfig, partitions: int, write: Any, plan_rows: int,
+              s3: S3Settings | None = None) -> dict[str, Any]:
     """Write ``blended``: the plan for the blend mode, with what a trainer needs, ordered by position.
-    ``plan_rows``: the rows of ``sample_plan`` (from its Delta log: no read of the plan)."""
+    ``plan_rows``: the rows of ``sample_plan`` (from its Delta log: no read of the plan); ``s3``: the
+    object-store settings of a mixture file on ``s3://``."""
     info: dict[str, Any]
     if bcfg.mode == "clusterclip":
         planned, info = sample_plan, {"from": "sample_plan"}
         n_rows = plan_rows
     else:
         sizes = ClusterSizes.from_stats(stats)  # a Spark job: only the modes that allocate anew read it
-        targets = targets_for(bcfg, sizes)
+        targets = targets_for(bcfg, sizes, s3=s3)
         if bcfg.mode == "mixture" and bcfg.mixture_fit == "exact":
             draws, fit = realise_mixture(sizes, targets, scfg)
             info = {"mixture": {**fit, "searched": per_cluster(sizes.cluster_id, targets / targets.sum())}}
@@ -279,7 +283,7 @@ def stage_inputs(ctx: Context) -> dict[str, Any]:
     p = mixture_file(ctx.cfg, ctx.lake)
     if ctx.cfg.blend.mode != "mixture" or not p:
         return {}
-    filesystem, path = open_fs(p)
+    filesystem, path = open_fs(p, ctx.lake.s3)
     with filesystem.open_input_stream(path) as fh:
         return {"mixture_sha256": hashlib.sha256(fh.read()).hexdigest()[:16]}
 
@@ -294,7 +298,8 @@ def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
                      kept.assignments(s, lake, inputs, holdout.of(cfg)), tableio.read(s, lake, "docs", inputs["docs"]),
                      tableio.read(s, lake, "sample_plan", inputs["sample_plan"]), bcfg, cfg.sample,
                      cfg.spark.shuffle_partitions, ctx.write,
-                     plan_rows=deltalog.num_records(lake.table("sample_plan"), inputs["sample_plan"]))
+                     plan_rows=deltalog.num_records(lake.table("sample_plan"), inputs["sample_plan"], s3=lake.s3),
+                     s3=lake.s3)
     blended = tableio.read(s, lake, "blended", ctx.write.versions["blended"])
     info["draws_by_domain"] = domain_mix(blended)
     if "mixture" in info:

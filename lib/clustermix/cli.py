@@ -132,11 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from clustermix import storage
         from clustermix.pipeline import check_paths
 
         check_paths(cfg)
-        storage.configure(cfg.storage)  # every engine of this process reaches the object store the same way
         if args.command == "show-config":
             import yaml
 
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             print(",".join(spark_packages(cfg)))
             return 0
         if args.command in ("report", "runs"):
-            return _report_commands(args, cfg.lake.root)
+            return _report_commands(args, cfg)
         if args.command == "maintain":
             return _maintain(args, cfg)
         from clustermix.registry import engines_of
@@ -171,7 +169,8 @@ def _run_command(args: argparse.Namespace, cfg: Any) -> int:
 
     run_id = args.run_id or new_run_id()
     log = logging.getLogger("clustermix.cli")
-    with RunLog(f"{Lake(cfg.lake.root).run_dir(run_id)}/run.log", verbose=args.verbose, quiet=args.quiet) as out:
+    lake = Lake.from_config(cfg)
+    with RunLog(f"{lake.run_dir(run_id)}/run.log", verbose=args.verbose, quiet=args.quiet, s3=lake.s3) as out:
         try:
             try:
                 run = _run(args, cfg, run_id)
@@ -193,7 +192,7 @@ def _run_command(args: argparse.Namespace, cfg: Any) -> int:
         print(f"manifest: {run.manifest_uri}")
         from clustermix.report import write_report
 
-        _, html = write_report(run.lake.root, run.run_id)
+        _, html = write_report(run.lake.root, run.run_id, s3=run.lake.s3)
         print(f"report: {html}")
     if out.where:
         print(f"log: {out.where}")
@@ -233,16 +232,18 @@ def _run(args: argparse.Namespace, cfg: Any, run_id: str) -> Any:
     return run_stages(cfg, _stages(args.command, cfg, getattr(args, "stages", None)), run_id=run_id)
 
 
-def _report_commands(args: argparse.Namespace, lake_root: str) -> int:
+def _report_commands(args: argparse.Namespace, cfg: Any) -> int:
+    from clustermix.lake import Lake
     from clustermix.report import list_runs, write_report
 
+    lake = Lake.from_config(cfg)
     if args.command == "report":
-        json_uri, html_uri = write_report(lake_root, args.report_run)
+        json_uri, html_uri = write_report(lake.root, args.report_run, s3=lake.s3)
         print(f"report: {html_uri}\nfigures: {json_uri}")
         return 0
-    runs = list_runs(lake_root)
+    runs = list_runs(lake.root, s3=lake.s3)
     if not runs:
-        print(f"no runs under {lake_root}")
+        print(f"no runs under {cfg.lake.root}")
     for r in runs:
         drift = f"  drift: {r['decision']}" if r.get("decision") else ""
         print(f"{r['run_id']}  {r.get('mode', 'run'):<9} {r.get('outcome') or '?':<10} started {r.get('started_at')}  "

@@ -17,7 +17,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clustermix.storage import S3Settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _active: list[RunLog] = []  # the RunLog routing this process's output, if any
@@ -45,10 +48,16 @@ class _OwnRecords(logging.Filter):
 class RunLog:
     """Route a command's output for its duration (a context manager)."""
 
-    def __init__(self, log_uri: str | None, *, verbose: bool = False, quiet: bool = False) -> None:
+    def __init__(self, log_uri: str | None, *, verbose: bool = False, quiet: bool = False,
+                 s3: S3Settings | None = None) -> None:
         """``log_uri``: where the log ends up (a local path, or a URI copied to at the end); None: no
-        log file, the console only (commands that run no stage)."""
-        self.log_uri, self.verbose, self.quiet = log_uri, verbose, quiet
+        log file, the console only (commands that run no stage). ``s3``: the object-store settings of
+        a ``log_uri`` on ``s3://`` (the lake's)."""
+        from clustermix import storage
+
+        if log_uri is not None and storage.is_s3(log_uri):
+            storage.require(log_uri, s3)  # now, not when the run is over
+        self.log_uri, self.verbose, self.quiet, self.s3 = log_uri, verbose, quiet, s3
         self.local_path: Path | None = None
         self._saved: dict[int, int] = {}
         self._streams: tuple[IO[str], IO[str]] | None = None
@@ -142,7 +151,7 @@ class RunLog:
 
         assert self.log_uri is not None and self.local_path is not None
         try:
-            filesystem, path = open_fs(self.log_uri)
+            filesystem, path = open_fs(self.log_uri, self.s3)
             with filesystem.open_output_stream(path) as fh:
                 fh.write(self.local_path.read_bytes())
         except OSError as exc:  # the run's outcome stands; the log stays where it is

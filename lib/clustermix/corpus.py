@@ -11,6 +11,10 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clustermix.storage import S3Settings
 
 # topic -> fraction of its articles kept (files taken in name order, so the subset is fixed)
 BUILTIN_CORPORA: dict[str, dict[str, float]] = {
@@ -39,18 +43,19 @@ def iter_records(name: str) -> list[dict[str, object]]:
     return out
 
 
-def materialize(name: str, root: str) -> str:
-    """Write builtin corpus ``name`` as JSONL under ``<root>/_builtin/`` and return its path."""
+def materialize(name: str, root: str, *, s3: S3Settings | None = None) -> str:
+    """Write builtin corpus ``name`` as JSONL under ``<root>/_builtin/`` and return its path (``s3``:
+    the object-store settings of a root on ``s3://``)."""
     from pyarrow import fs as pafs
 
     from clustermix.lake import open_fs, write_atomic
 
-    filesystem, base = open_fs(root)  # on s3:// the configured endpoint, region and retries
+    filesystem, base = open_fs(root, s3)  # on s3:// the given endpoint, region and retries
     target = f"{base.rstrip('/')}/_builtin/{name}.jsonl"
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in iter_records(name)).encode()
     info = filesystem.get_file_info(target)
     prefix = root.split("://", 1)[0] + "://" if "://" in root else ""
     uri = prefix + target if prefix else target
     if info.type != pafs.FileType.File or info.size != len(body):
-        write_atomic(uri, body)
+        write_atomic(uri, body, s3=s3)
     return uri

@@ -12,18 +12,18 @@ if TYPE_CHECKING:
 
 def storage_options(uri: str, s3: S3Settings | None = None) -> dict[str, str] | None:
     """delta-rs storage options for ``uri``: None for a local path; for ``s3://`` the endpoint, region
-    and retries of ``s3`` (default: the process's, :mod:`clustermix.storage`; credentials come from
-    the AWS default chain)."""
+    and retries of ``s3`` (required there, :mod:`clustermix.storage`; credentials come from the AWS
+    default chain)."""
     from clustermix import storage
 
     return storage.delta_options(uri, s3) or None
 
 
-def version(uri: str) -> int | None:
+def version(uri: str, *, s3: S3Settings | None = None) -> int | None:
     """Latest committed version of the Delta table at ``uri``, or None when there is none."""
     from deltalake import DeltaTable
 
-    opts = storage_options(uri)
+    opts = storage_options(uri, s3)
     if not DeltaTable.is_deltatable(uri, storage_options=opts):
         return None
     return DeltaTable(uri, storage_options=opts).version()
@@ -49,13 +49,13 @@ def _data_commit(dt: Any) -> tuple[int, dict[str, Any]] | None:
         limit *= 8
 
 
-def data_version(uri: str) -> int | None:
+def data_version(uri: str, *, s3: S3Settings | None = None) -> int | None:
     """The version of the latest commit of ``uri`` that changed its rows (maintenance commits left
     out): what a stage's fingerprint names for an input, so that ``clustermix maintain`` does not make
     the stages that read the table run again. None when there is no table."""
     from deltalake import DeltaTable
 
-    opts = storage_options(uri)
+    opts = storage_options(uri, s3)
     if not DeltaTable.is_deltatable(uri, storage_options=opts):
         return None
     dt = DeltaTable(uri, storage_options=opts)
@@ -63,12 +63,12 @@ def data_version(uri: str) -> int | None:
     return found[0] if found is not None else dt.version()
 
 
-def last_commit_meta(uri: str) -> dict[str, Any] | None:
+def last_commit_meta(uri: str, *, s3: S3Settings | None = None) -> dict[str, Any] | None:
     """The clustermix metadata of the latest commit of ``uri`` that changed its data (maintenance
     commits are skipped); None if absent or foreign."""
     from deltalake import DeltaTable
 
-    opts = storage_options(uri)
+    opts = storage_options(uri, s3)
     if not DeltaTable.is_deltatable(uri, storage_options=opts):
         return None
     found = _data_commit(DeltaTable(uri, storage_options=opts))
@@ -84,27 +84,27 @@ def last_commit_meta(uri: str) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def is_current(uris: list[str], fp: str) -> bool:
+def is_current(uris: list[str], fp: str, *, s3: S3Settings | None = None) -> bool:
     """True when every output's latest commit (maintenance left out) was written for fingerprint ``fp``."""
     for uri in uris:
-        meta = last_commit_meta(uri)
+        meta = last_commit_meta(uri, s3=s3)
         if meta is None or meta.get("fingerprint") != fp:
             return False
     return True
 
 
-def num_records(uri: str, at_version: int | None = None) -> int:
+def num_records(uri: str, at_version: int | None = None, *, s3: S3Settings | None = None) -> int:
     """Row count of the latest (or a pinned) version from the Delta log alone (no data scan)."""
     from deltalake import DeltaTable
 
-    return rows_of(DeltaTable(uri, version=at_version, storage_options=storage_options(uri)))
+    return rows_of(DeltaTable(uri, version=at_version, storage_options=storage_options(uri, s3)))
 
 
-def file_uris(uri: str, at_version: int | None = None) -> list[str]:
+def file_uris(uri: str, at_version: int | None = None, *, s3: S3Settings | None = None) -> list[str]:
     """The Parquet files of one version of a table, for engines that read files (Ray, pyarrow)."""
     from deltalake import DeltaTable
 
-    files: list[str] = DeltaTable(uri, version=at_version, storage_options=storage_options(uri)).file_uris()
+    files: list[str] = DeltaTable(uri, version=at_version, storage_options=storage_options(uri, s3)).file_uris()
     return files
 
 
@@ -121,12 +121,13 @@ def rows_of(dt: Any) -> int:
     return int(dt.to_pyarrow_dataset().count_rows())
 
 
-def file_counts(uri: str, at_version: int | None = None) -> tuple[list[str], list[int | None]]:
+def file_counts(uri: str, at_version: int | None = None, *,
+                s3: S3Settings | None = None) -> tuple[list[str], list[int | None]]:
     """The Parquet files of one version and each one's row count from the log (None where a file was
     written without statistics)."""
     from deltalake import DeltaTable
 
-    dt = DeltaTable(uri, version=at_version, storage_options=storage_options(uri))
+    dt = DeltaTable(uri, version=at_version, storage_options=storage_options(uri, s3))
     files = dt.file_uris()
     adds = dt.get_add_actions(flatten=True)
     if "num_records" in adds.schema.names:
@@ -146,7 +147,7 @@ def rows_where(uri: str, at_version: int | None, column: str, value: str, s3: S3
 
     from clustermix import lake as lk
 
-    dt = DeltaTable(uri, version=at_version, storage_options=storage_options(uri))
+    dt = DeltaTable(uri, version=at_version, storage_options=storage_options(uri, s3))
     files = dt.file_uris()
     adds = pa.table(dt.get_add_actions(flatten=True)).to_pylist()
     if len(adds) != len(files) or not all(f.endswith("/" + a["path"]) for f, a in zip(files, adds, strict=True)):

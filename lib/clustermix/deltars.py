@@ -91,7 +91,7 @@ def commit_properties(meta: dict[str, Any]) -> Any:
 
 
 def commit_parts(uri: str, schema: pa.Schema, parts: list[Part], meta: dict[str, Any],
-                 mode: Literal["append", "overwrite"]) -> int:
+                 mode: Literal["append", "overwrite"], *, s3: S3Settings | None = None) -> int:
     """One transaction adding ``parts`` to the table at ``uri`` (``overwrite``: they become the whole
     table; the table is created when absent). Commits even with no parts, so that the version carries
     this run's metadata. Returns the new version."""
@@ -100,26 +100,27 @@ def commit_parts(uri: str, schema: pa.Schema, parts: list[Part], meta: dict[str,
 
     now = int(time.time() * 1000)
     adds = [AddAction(p.path, p.size, {}, now, True, json.dumps({"numRecords": p.rows})) for p in parts]
-    opts = deltalog.storage_options(uri)
-    if deltalog.version(uri) is None:
+    opts = deltalog.storage_options(uri, s3)
+    if deltalog.version(uri, s3=s3) is None:
         create_table_with_add_actions(uri, Schema.from_arrow(schema), adds, mode="overwrite", storage_options=opts,
                                       commit_properties=commit_properties(meta))
     else:
         DeltaTable(uri, storage_options=opts).create_write_transaction(
             adds, mode=mode, schema=schema, commit_properties=commit_properties(meta))
-    return _version(uri)
+    return _version(uri, s3)
 
 
-def overwrite(uri: str, table: pa.Table, meta: dict[str, Any]) -> int:
+def overwrite(uri: str, table: pa.Table, meta: dict[str, Any], *, s3: S3Settings | None = None) -> int:
     """Replace the table at ``uri`` with a small in-memory ``table`` (K rows: the centroids)."""
     from deltalake import write_deltalake
 
-    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=deltalog.storage_options(uri),
+    write_deltalake(uri, table, mode="overwrite", schema_mode="overwrite", storage_options=deltalog.storage_options(uri, s3),
                     commit_properties=commit_properties(meta))
-    return _version(uri)
+    return _version(uri, s3)
 
 
-def delete_ids(uri: str, ids: pa.Array, meta: dict[str, Any], model: str | None = None) -> int:
+def delete_ids(uri: str, ids: pa.Array, meta: dict[str, Any], model: str | None = None, *,
+               s3: S3Settings | None = None) -> int:
     """Delete the rows whose ``id`` is in ``ids`` (and whose ``model`` is ``model``, when given) in one
     transaction."""
     from deltalake import DeltaTable
@@ -127,29 +128,30 @@ def delete_ids(uri: str, ids: pa.Array, meta: dict[str, Any], model: str | None 
     pred = f"id IN ({', '.join(sql_str(i) for i in ids.to_pylist())})"
     if model is not None:
         pred = f"model = {sql_str(model)} AND {pred}"
-    DeltaTable(uri, storage_options=deltalog.storage_options(uri)).delete(pred, commit_properties=commit_properties(meta))
-    return _version(uri)
+    DeltaTable(uri, storage_options=deltalog.storage_options(uri, s3)).delete(pred, commit_properties=commit_properties(meta))
+    return _version(uri, s3)
 
 
-def merge_by_id(uri: str, source: Any, columns: list[str], meta: dict[str, Any]) -> int:
+def merge_by_id(uri: str, source: Any, columns: list[str], meta: dict[str, Any], *,
+                s3: S3Settings | None = None) -> int:
     """One MERGE on ``id``: a source row with ``_delete`` true deletes the target row of its id; any
     other inserts itself when the id is not there yet (``columns``: what it inserts). ``source`` is an
     Arrow stream, consumed as it goes."""
     from deltalake import DeltaTable
 
-    dt = DeltaTable(uri, storage_options=deltalog.storage_options(uri))
+    dt = DeltaTable(uri, storage_options=deltalog.storage_options(uri, s3))
     (dt.merge(source, "t.id = s.id", source_alias="s", target_alias="t", commit_properties=commit_properties(meta))
      .when_matched_delete(predicate="s._delete")
      .when_not_matched_insert(updates={c: f"s.{c}" for c in columns}, predicate="NOT s._delete")
      .execute())
-    return _version(uri)
+    return _version(uri, s3)
 
 
-def read_small(uri: str, at_version: int | None, columns: list[str]) -> pa.Table:
+def read_small(uri: str, at_version: int | None, columns: list[str], *, s3: S3Settings | None = None) -> pa.Table:
     """A small table (K rows: the centroids) at a pinned version, read by delta-rs into memory."""
     from deltalake import DeltaTable
 
-    dt = DeltaTable(uri, version=at_version, storage_options=deltalog.storage_options(uri))
+    dt = DeltaTable(uri, version=at_version, storage_options=deltalog.storage_options(uri, s3))
     return dt.to_pyarrow_table(columns=columns)
 
 
@@ -158,7 +160,7 @@ def sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _version(uri: str) -> int:
-    v = deltalog.version(uri)
+def _version(uri: str, s3: S3Settings | None) -> int:
+    v = deltalog.version(uri, s3=s3)
     assert v is not None
     return v

@@ -179,10 +179,10 @@ class _Progress:
     still being written has no footer yet and is counted on a later poll), so the driver learns
     progress without touching the data or the actors."""
 
-    def __init__(self, out_dir: str, total: int, every: float | None) -> None:
+    def __init__(self, out_dir: str, total: int, every: float | None, s3: S3Settings | None = None) -> None:
         import threading
 
-        self.out_dir, self.total, self.every = out_dir, total, every
+        self.out_dir, self.total, self.every, self.s3 = out_dir, total, every, s3
         self.rows: dict[str, int] = {}
         self.t0 = time.time()
         self._stop = threading.Event()
@@ -204,9 +204,9 @@ class _Progress:
             self.report()
 
     def done(self) -> int:
-        new = [f for f in lk.list_parquet(self.out_dir) if f not in self.rows]
+        new = [f for f in lk.list_parquet(self.out_dir, s3=self.s3) if f not in self.rows]
         # a file still being written has no footer yet: counted on a later poll
-        for f, n in zip(new, lk.parquet_rows(new, skip_unfinished=True), strict=True):
+        for f, n in zip(new, lk.parquet_rows(new, skip_unfinished=True, s3=self.s3), strict=True):
             if n is not None:
                 self.rows[f] = n
         return sum(self.rows.values())
@@ -258,7 +258,7 @@ def _embed_files(todo: rayread.Filter | None, files: list[str], rows: list[int |
                         batch_size=ecfg.rows_per_file, batch_format="pyarrow", max_retries=3)
     # on a terminal Ray Data's bars show rows done/total and the rate; in logs we report them
     every = None if DataContext.get_current().enable_progress_bars else PROGRESS_EVERY_S
-    with _Progress(f"{table_uri}/{folder}", total, every) as progress:
+    with _Progress(f"{table_uri}/{folder}", total, every, s3) as progress:
         parts = [deltars.Part(str(r["path"]), int(r["size"]), int(r["rows"])) for r in ds.iter_rows()]
     progress.report()
     return parts
@@ -287,24 +287,22 @@ def run_embed(lake: Lake, ecfg: EmbedConfig, docs_version: int, run_id: str, wri
     embeddings of documents no longer in ``docs``. Ray and delta-rs only: no JVM."""
     import ray
 
-    from clustermix import storage
-
     name = model_id(ecfg.model)
     uri = lake.table("embeddings")
-    s3 = storage.settings_for(uri)  # handed to the workers explicitly
+    s3 = lake.s3  # handed to the workers explicitly
     phase = _Phases()
-    exists = deltalog.version(uri) is not None
+    exists = deltalog.version(uri, s3=s3) is not None
     todo, stale = None, None
     with phase("todo"):
-        files, rows = deltalog.file_counts(lake.table("docs"), docs_version)
+        files, rows = deltalog.file_counts(lake.table("docs"), docs_version, s3=lake.s3)
         if exists:
             # the ids of docs without an embedding of this model, and of embeddings whose document is
             # gone, from the two tables' id columns (no shuffle, no embedding read)
-            emb_files, emb_rows = deltalog.file_counts(uri)
+            emb_files, emb_rows = deltalog.file_counts(uri, s3=s3)
             d = iddiff.diff(iddiff.IdSide(files, rows), iddiff.IdSide(emb_files, emb_rows, name), s3)
             rows, stale = list(d.missing_per_file), d.stale
             todo = rayread.Filter(ids=ray.put(d.missing))
-    n_todo = sum(n for n in rows if n) if None not in rows else deltalog.num_records(lake.table("docs"))
+    n_todo = sum(n for n in rows if n) if None not in rows else deltalog.num_records(lake.table("docs"), s3=lake.s3)
     folder = f"{run_id}-{uuid.uuid4().hex[:8]}"  # this run's files in the table's folder
     parts: list[deltars.Part] = []
     t0 = time.time()
@@ -319,8 +317,8 @@ def run_embed(lake: Lake, ecfg: EmbedConfig, docs_version: int, run_id: str, wri
             # a commit of its own, before the append, without the fingerprint: a crash between the
             # two leaves the stage not current, and its rerun finds nothing stale and appends
             partial = {k: v for k, v in write.meta.items() if k != "fingerprint"} | {"step": "delete stale"}
-            deltars.delete_ids(uri, stale, partial, model=name)
-        v = deltars.commit_parts(uri, schema, parts, write.meta, "append" if exists else "overwrite")
+            deltars.delete_ids(uri, stale, partial, model=name, s3=s3)
+        v = deltars.commit_parts(uri, schema, parts, write.meta, "append" if exists else "overwrite", s3=s3)
         write.record("embeddings", v)
     return {"model": name, "embedded": n_todo, "removed": len(stale) if stale is not None else 0,
             "seconds": round(seconds, 2),

@@ -201,7 +201,7 @@ def draw(docs: tuple[str, int | None], assignments: tuple[str, int | None],
     (``seeds[i]``: seed ``i``'s hash order), from one Ray Data pass."""
     import ray.data
 
-    docs_files, docs_rows = deltalog.file_counts(*docs)
+    docs_files, docs_rows = deltalog.file_counts(*docs, s3=s3)
     members = rayread.kept_members(assignments, duplicates, BLOCK_ROWS, partitions, s3)
     texts = ray.data.read_datasource(rayread.files_source(docs_files, docs_rows, ["id", "text", "domain"], BLOCK_ROWS,
                                                           s3=s3))
@@ -245,7 +245,7 @@ def blended_draws(uri: str, version: int | None, seeds: list[int], budget: int,
     columns = ["id", "text", "domain", "cluster_id", "position"]
     schema = pa.schema([*_row_schema(), pa.field("position", pa.int64())])
     kept = schema.empty_table()
-    files, rows = deltalog.file_counts(uri, version)
+    files, rows = deltalog.file_counts(uri, version, s3=s3)
     if files:
         ds = ray.data.read_datasource(rayread.files_source(files, rows, columns, BLOCK_ROWS, s3=s3))
         blocks = ds.map_batches(_blended_block, fn_kwargs={"seeds": list(seeds), "budget": budget},
@@ -286,7 +286,7 @@ def held_in(uri: str, version: int | None, holdout: Holdout, s3: S3Settings | No
     its ids, one number per block back to the driver."""
     import ray.data
 
-    files, rows = deltalog.file_counts(uri, version)
+    files, rows = deltalog.file_counts(uri, version, s3=s3)
     if not files:
         return 0
     ids = ray.data.read_datasource(rayread.files_source(files, rows, ["id"], BLOCK_ROWS, s3=s3))

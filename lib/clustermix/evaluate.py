@@ -69,7 +69,7 @@ def mixture_weights(lake: Lake) -> dict[str, float] | None:
     from clustermix.manifest import read_json
 
     try:
-        doc = read_json(lake.best_mixture_uri())
+        doc = read_json(lake.best_mixture_uri(), s3=lake.s3)
     except (OSError, ValueError):
         return None
     w = doc.get("weights") if isinstance(doc, dict) else None
@@ -174,22 +174,20 @@ def run_evaluate(lake: Lake, cfg: Config, inputs: dict[str, Any], run_id: str, w
     sets per seed)."""
     import ray
 
-    from clustermix import storage
-
     t0 = time.time()
     e = cfg.evaluate
     hold = holdout.of(cfg)
     if hold is None:
         raise ConfigError("evaluate.enabled", False, "evaluate needs the hold-out: set evaluate.enabled=true and "
                           "run `clustermix run` with it, so that no plan draws the held-out documents")
-    s3 = storage.settings_for(lake.root)
+    s3 = lake.s3  # handed to the Ray workers explicitly
     check_blended(lake.table("blended"), inputs.get("blended"), hold, s3)
     budget = e.proxy_tokens + 1  # +1: the last window's shifted target
     seeds = [seed_of(e.seed, i) for i in range(e.seeds)]  # seed i: its own data draw for every mix
     dups = lake.table("semantic_duplicates")
     partitions = max(2, min(256, int(ray.cluster_resources().get("CPU", 2))))
     draw = evaldata.draw((lake.table("docs"), inputs.get("docs")), (lake.table("assignments"), inputs.get("assignments")),
-                         (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups) is not None else None,
+                         (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups, s3=s3) is not None else None,
                          hold, e.seed, seeds, budget, e.max_per_source, e.max_doc_bytes, partitions, s3)
     held = draw.role("heldout")
     if held.num_rows == 0:
@@ -207,7 +205,7 @@ def run_evaluate(lake: Lake, cfg: Config, inputs: dict[str, Any], run_id: str, w
     log.info("evaluate: %d held-out documents; mixes %s; %d seeds, each its own draw", held.num_rows, mixes, e.seeds)
     results = _train_all(sets, held.column("text").to_pylist(), cfg)
     rows = evaluation_rows(held, results, e.seed, run_id)
-    write.record("evaluations", deltars.overwrite(lake.table("evaluations"), evaluations_table(rows), write.meta))
+    write.record("evaluations", deltars.overwrite(lake.table("evaluations"), evaluations_table(rows), write.meta, s3=lake.s3))
     cmp = spread.compare(rows)
     return {"mixes": mixes, "seeds": e.seeds, "held_out_scored": held.num_rows,
             "held_out_sources": len(set(held.column("group").to_pylist())), "proxy_tokens": e.proxy_tokens,

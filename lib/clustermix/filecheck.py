@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from clustermix.config import InputConfig
+    from clustermix.storage import S3Settings
 
 # file-level reasons, each with its own remedy
 REASONS = (
@@ -81,17 +82,18 @@ def codec_of(path: str) -> str | None:
 
 
 def check_file(filesystem: Any, path: str, size: int, fmt: str, icfg: InputConfig | None,
-               stage_to: Callable[[str], str] | None = None) -> Verdict:
+               stage_to: Callable[[str], str] | None = None, *, s3: S3Settings | None = None) -> Verdict:
     """Check one file of an input in format ``fmt`` (``jsonl``, or ``parquet`` also for a Delta table's
     data files, with ``icfg`` None: no contract check). ``stage_to(path)``, when given, names the staging
-    file into which a truncated compressed file's complete records are written. Never raises: whatever
-    goes wrong is the verdict, with the trace kept for the run's log."""
+    file into which a truncated compressed file's complete records are written (``s3``: the settings of
+    that staging folder when it is on ``s3://``). Never raises: whatever goes wrong is the verdict, with
+    the trace kept for the run's log."""
     try:
         if fmt == "jsonl":
             codec = codec_of(path)
             if codec is None:
                 return _check_text(filesystem, path, size)
-            return _check_compressed(filesystem, path, size, codec, stage_to)
+            return _check_compressed(filesystem, path, size, codec, stage_to, s3)
         return _check_parquet(filesystem, path, size, icfg)
     except _Bad as bad:
         return Verdict(path, size, bad.reason, bad.detail, extra=bad.extra)
@@ -181,7 +183,7 @@ def _feed(d: Any, codec: str, data: bytes) -> tuple[bytes, bytes]:
 
 
 def _check_compressed(filesystem: Any, path: str, size: int, codec: str,
-                      stage_to: Callable[[str], str] | None) -> Verdict:
+                      stage_to: Callable[[str], str] | None, s3: S3Settings | None = None) -> Verdict:
     """Decompress the whole stream once (bounded memory); if it is cut short, find the end of its last
     complete line and, when ``stage_to`` is given, write everything up to it into a staging file."""
     total = last_nl = lines = 0
@@ -205,16 +207,17 @@ def _check_compressed(filesystem: Any, path: str, size: int, codec: str,
     staged = None
     if stage_to is not None and last_nl:
         staged = stage_to(path)
-        _stage_prefix(filesystem, path, codec, last_nl, staged)
+        _stage_prefix(filesystem, path, codec, last_nl, staged, s3)
     extra = {"keeps_prefix": stage_to is not None, "decompressed_bytes": total, "kept_bytes": last_nl}
     return Verdict(path, size, "truncated", detail, kept_lines=lines, staged=staged, extra=extra)
 
 
-def _stage_prefix(filesystem: Any, path: str, codec: str, n_bytes: int, staged: str) -> None:
+def _stage_prefix(filesystem: Any, path: str, codec: str, n_bytes: int, staged: str,
+                  s3: S3Settings | None = None) -> None:
     """Write the first ``n_bytes`` decompressed bytes of ``path`` (its complete lines) to ``staged``."""
     from clustermix.lake import open_fs
 
-    out_fs, out_path = open_fs(staged)
+    out_fs, out_path = open_fs(staged, s3)
     out_fs.create_dir(out_path.rsplit("/", 1)[0], recursive=True)
     left = n_bytes
     with filesystem.open_input_stream(path, compression=None) as fh, \

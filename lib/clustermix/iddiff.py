@@ -46,7 +46,7 @@ def diff(left: IdSide, right: IdSide, s3: S3Settings | None = None, per_pass: in
     """The ids of ``left`` missing from ``right`` and those of ``right`` missing from ``left``."""
     import pyarrow.compute as pc
 
-    n = max(_rows(left), _rows(right))
+    n = max(_rows(left, s3), _rows(right, s3))
     passes = max(1, -(-n // per_pass))
     missing: list[pa.Array] = []
     stale: list[pa.Array] = []
@@ -65,10 +65,10 @@ def diff(left: IdSide, right: IdSide, s3: S3Settings | None = None, per_pass: in
     return IdDiff(_concat(missing), per_file, _concat(stale))
 
 
-def _rows(side: IdSide) -> int:
+def _rows(side: IdSide, s3: S3Settings | None) -> int:
     """Rows of one side (from the log; from the footers of files written without statistics)."""
     unknown = [f for f, n in zip(side.files, side.rows, strict=True) if n is None]
-    return sum(n or 0 for n in side.rows) + sum(n or 0 for n in lk.parquet_rows(unknown))
+    return sum(n or 0 for n in side.rows) + sum(n or 0 for n in lk.parquet_rows(unknown, s3=s3))
 
 
 def _ids(uri: str, model: str | None, bucket: int, buckets: int, s3: S3Settings | None) -> Iterator[pa.Array]:

@@ -314,7 +314,7 @@ def verify_accounting(result: dict[str, Any], lake: Lake) -> None:
     quarantined."""
     from clustermix.deltalog import num_records
 
-    written = {n: num_records(lake.table(n)) for n in RECORD_TABLES}
+    written = {n: num_records(lake.table(n), s3=lake.s3) for n in RECORD_TABLES}
     if sum(written.values()) != result["read"] or written["docs"] != result["accepted"] or \
             written["near_duplicates"] != result["near_duplicates"]:
         raise AccountingError(f"ingest lost records: read {result['read']} but tables hold {written}")
@@ -353,7 +353,7 @@ def _prior_signatures(spark: SparkSession, lake: Lake, cfg: Config, replaced: st
 
     if not cfg.dedup.near.enabled:
         return None
-    if version(lake.table(SIGNATURES)) is None:
+    if version(lake.table(SIGNATURES), s3=lake.s3) is None:
         raise DataError(f"dedup.near is on but the lake has no {SIGNATURES} table (it was ingested before "
                         "near-duplicates existed, or with them off): run `clustermix run` once to ingest everything")
     prior = read(spark, lake, SIGNATURES).where(f"NOT ({replaced})")

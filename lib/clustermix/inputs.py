@@ -37,23 +37,27 @@ class InputSpec:
 
 
 def resolve_input(cfg: Config, lake_root: str) -> InputSpec:
-    """Resolve ``input.path`` and list its files (their sizes and times make the fingerprint)."""
+    """Resolve ``input.path`` and list its files (their sizes and times make the fingerprint). An input
+    (or a lake) on ``s3://`` is reached with the settings of the config's ``storage`` section."""
     from pyarrow import fs as pafs
 
+    from clustermix import storage
+
+    s3 = storage.settings(cfg.storage)
     path, fmt = cfg.input.path, cfg.input.format
     if path.startswith(BUILTIN_PREFIX):
         from clustermix.corpus import materialize
 
-        path, fmt = materialize(path[len(BUILTIN_PREFIX) :], lake_root), "jsonl"
+        path, fmt = materialize(path[len(BUILTIN_PREFIX) :], lake_root, s3=s3), "jsonl"
     if fmt == "delta":
         from clustermix.deltalog import version
 
-        v = version(path)
+        v = version(path, s3=s3)
         if v is None:
             raise InputError(f"input.path {path!r} is not a Delta table")
         return InputSpec(path, fmt, {"delta_version": v})
     try:
-        filesystem, base = open_fs(path)
+        filesystem, base = open_fs(path, s3)
         info = filesystem.get_file_info(base)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input.path {path!r} does not exist")

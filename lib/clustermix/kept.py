@@ -28,7 +28,7 @@ def assignments(spark: SparkSession, lake: Lake, inputs: dict[str, Any], holdout
     if holdout is not None:
         a = a.where(~held_out(holdout))
     uri, pinned = lake.table("semantic_duplicates"), inputs.get("semantic_duplicates")
-    if (pinned is None and version(uri) is None) or not num_records(uri, pinned):
+    if (pinned is None and version(uri, s3=lake.s3) is None) or not num_records(uri, pinned, s3=lake.s3):
         return a
     dups = read(spark, lake, "semantic_duplicates", pinned).select("id")
     return a.join(dups, "id", "left_anti")

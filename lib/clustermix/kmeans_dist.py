@@ -304,12 +304,10 @@ def run_cluster(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, ru
     import pyarrow as pa
     import ray
 
-    from clustermix import storage
-
     uri = lake.table("assignments")
-    s3 = storage.settings_for(uri)
+    s3 = lake.s3  # handed to the Ray workers explicitly
     emb_uri = lake.table("embeddings")
-    files = deltalog.file_uris(emb_uri, emb_version)
+    files = deltalog.file_uris(emb_uri, emb_version, s3=s3)
     if not files:
         raise DataError("embeddings table is empty: nothing to cluster")
     n = deltalog.rows_where(emb_uri, emb_version, "model", model, s3)
@@ -323,9 +321,9 @@ def run_cluster(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, ru
                           "k": [cfg.k] * cfg.k, "niter": [niter] * cfg.k, "seed": [best.seed] * cfg.k,
                           "objective": [float(best.objective)] * cfg.k, "model": [model] * cfg.k,
                           "fit_meta": [json.dumps(res.meta(cfg))] * cfg.k}, schema=schema)
-    write.record("centroids", deltars.overwrite(lake.table("centroids"), centroids, write.meta))
+    write.record("centroids", deltars.overwrite(lake.table("centroids"), centroids, write.meta, s3=lake.s3))
     write.record("assignments", deltars.commit_parts(uri, deltars.arrow_schema("assignments"), res.parts,
-                                                     write.meta, "overwrite"))
+                                                     write.meta, "overwrite", s3=s3))
     return {"k": cfg.k, "n_points": res.n_points, "n_fitted": res.n_fitted, "sample_fraction": round(res.fraction, 6),
             "max_points_per_centroid": cfg.max_points_per_centroid, "niter_run": niter,
             "objective": round(best.objective, 6),
@@ -336,7 +334,7 @@ def run_cluster(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int, ru
 
 def read_centroids(lake: Lake, at_version: int | None = None) -> np.ndarray:
     """The centroids (latest, or at a pinned version) as a (k, d) float32 array (K rows, by delta-rs)."""
-    t = deltars.read_small(lake.table("centroids"), at_version, ["cluster_id", "centroid"]).sort_by("cluster_id")
+    t = deltars.read_small(lake.table("centroids"), at_version, ["cluster_id", "centroid"], s3=lake.s3).sort_by("cluster_id")
     return np.asarray(t.column("centroid").to_pylist(), dtype=np.float32)
 
 
@@ -360,12 +358,10 @@ def assign_missing(lake: Lake, cfg: ClusterConfig, model: str, emb_version: int,
     """
     import ray
 
-    from clustermix import storage
-
-    s3 = storage.settings_for(lake.root)
-    emb_files, emb_rows = deltalog.file_counts(lake.table("embeddings"), emb_version)
+    s3 = lake.s3  # handed to the Ray workers explicitly
+    emb_files, emb_rows = deltalog.file_counts(lake.table("embeddings"), emb_version, s3=lake.s3)
     d = iddiff.diff(iddiff.IdSide(emb_files, emb_rows, model),
-                    iddiff.IdSide(*deltalog.file_counts(lake.table("assignments"))), s3)
+                    iddiff.IdSide(*deltalog.file_counts(lake.table("assignments"), s3=lake.s3)), s3)
     n = len(d.missing)
     if not n:
         return AssignPass(None, 0, d.stale)

@@ -28,6 +28,7 @@ class LakeLock:
         self.uri = f"{lake.root}/_lock.json"
         self.path = Path(lake.root) / "_lock.json" if lake.is_local else None
         self.remote = storage.is_s3(lake.root)
+        self.s3 = storage.require(lake.root, lake.s3) if self.remote else None  # the lake's, never a default
         self.run_id, self.stale_seconds = run_id, stale_seconds
         self.enabled = lake.is_local or self.remote
 
@@ -91,16 +92,16 @@ class LakeLock:
         from clustermix.errors import LakeBusyError
 
         for _ in range(3):
-            if storage.put_json_if(self.uri, self._body(), absent=True):
+            if storage.put_json_if(self.uri, self._body(), s3=self.s3, absent=True):
                 return
-            held = storage.read_json_object(self.uri)
+            held = storage.read_json_object(self.uri, s3=self.s3)
             if held is None:
                 continue  # released between our two requests: try again
             info, etag = held
             if not self._stale(info):
                 raise self._busy(info)
             # replace the stale lock only if it is still the one we judged stale
-            if storage.put_json_if(self.uri, self._body(), etag=etag):
+            if storage.put_json_if(self.uri, self._body(), s3=self.s3, etag=etag):
                 return
         raise LakeBusyError(f"could not take the lock {self.uri}: other runs keep taking it")
 
@@ -112,9 +113,9 @@ class LakeLock:
             from clustermix.errors import StorageError
 
             try:
-                held = storage.read_json_object(self.uri)
+                held = storage.read_json_object(self.uri, s3=self.s3)
                 if held is not None and held[0].get("run_id") == self.run_id:
-                    storage.delete_object(self.uri)
+                    storage.delete_object(self.uri, s3=self.s3)
             except (StorageError, OSError):
                 pass  # a lock left behind is taken over once stale
             return

@@ -33,6 +33,7 @@ from clustermix.runs import LEDGER, RUNS
 
 if TYPE_CHECKING:
     from clustermix.config import Config
+    from clustermix.storage import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def lake_tables(lake: Lake) -> list[str]:
     """Every Delta table of the lake: the stages' tables in pipeline order, then ``runs`` and the
     refresh's ledger; only those that exist."""
     names = [*registry.tables(), RUNS, LEDGER]
-    return [n for n in names if deltalog.version(lake.table(n)) is not None]
+    return [n for n in names if deltalog.version(lake.table(n), s3=lake.s3) is not None]
 
 
 def _files(dt: Any) -> tuple[int, int]:
@@ -90,14 +91,14 @@ def _small_files(dt: Any, target: int) -> int:
     return sum(n for n in per.values() if n > 1)
 
 
-def _sizes(paths: list[str], table_uri: str) -> int:
+def _sizes(paths: list[str], table_uri: str, s3: S3Settings | None) -> int:
     """Bytes of the files ``paths`` (relative to the table or absolute) that still exist."""
-    filesystem, base = open_fs(table_uri)
+    filesystem, base = open_fs(table_uri, s3)
     total = 0
     for p in paths:
         full = p if p.startswith("/") or "://" in p else f"{base}/{p}"
         if "://" in full:
-            full = open_fs(full)[1]
+            full = open_fs(full, s3)[1]
         info = filesystem.get_file_info(full)
         total += int(info.size or 0) if info.is_file else 0
     return total
@@ -110,7 +111,7 @@ def maintain_table(lake: Lake, name: str, cfg: Config, run_id: str, dry_run: boo
     from clustermix.deltars import commit_properties
 
     uri = lake.table(name)
-    opts = deltalog.storage_options(uri)
+    opts = deltalog.storage_options(uri, lake.s3)
     dt = DeltaTable(uri, storage_options=opts)
     files, size = _files(dt)
     rec = TableUpkeep(name, dt.version(), dt.version(), files, files, size, size)
@@ -129,7 +130,7 @@ def maintain_table(lake: Lake, name: str, cfg: Config, run_id: str, dry_run: boo
     # own delta.deletedFileRetentionDuration says (the run lock keeps the pipeline's writes away)
     full = name not in SHARED_FOLDER
     gone = dt.vacuum(retention_hours=mc.retention_hours, dry_run=True, enforce_retention_duration=False, full=full)
-    rec.vacuumed_files, rec.vacuumed_bytes = len(gone), _sizes(gone, uri)
+    rec.vacuumed_files, rec.vacuumed_bytes = len(gone), _sizes(gone, uri, lake.s3)
     if gone and not dry_run:
         dt.vacuum(retention_hours=mc.retention_hours, dry_run=False, enforce_retention_duration=False, full=full,
                   commit_properties=commit_properties({**meta, "operation": "vacuum"}))
@@ -143,10 +144,7 @@ def maintain_table(lake: Lake, name: str, cfg: Config, run_id: str, dry_run: boo
 def run_maintain(cfg: Config, run_id: str, dry_run: bool = False, tables: list[str] | None = None,
                  ) -> list[TableUpkeep]:
     """Maintain every table of the lake (or ``tables``) under the lake's run lock."""
-    from clustermix import storage
-
-    storage.configure(cfg.storage)
-    lake = Lake(cfg.lake.root)
+    lake = Lake.from_config(cfg)
     lock = LakeLock(lake, run_id, cfg.lake.lock_stale_seconds)
     lock.acquire()
     try:

@@ -45,11 +45,8 @@ class Run:
     """One invocation: config, lake, lazily created engines, and the manifest being written."""
 
     def __init__(self, cfg: Config, run_id: str | None = None, spark: SparkSession | None = None) -> None:
-        from clustermix import storage
-
-        storage.configure(cfg.storage)  # the run's engines reach the object store as its config says
         self.cfg = cfg
-        self.lake = lk.Lake(cfg.lake.root)
+        self.lake = lk.Lake.from_config(cfg)  # its object-store settings go wherever its tables do
         self.run_id = run_id or new_run_id()
         self._spark = spark
         self._checkpoints: str | None = None
@@ -105,12 +102,12 @@ class Run:
         return f"{self.lake.run_dir(self.run_id)}/manifest.json"
 
     def save(self) -> None:
-        write_json(self.manifest_uri, self.manifest)
+        write_json(self.manifest_uri, self.manifest, s3=self.lake.s3)
 
     def input_versions(self, stage: str) -> dict[str, int]:
         out = {}
         for t in registry.get(stage).reads:
-            v = deltalog.version(self.lake.table(t))
+            v = deltalog.version(self.lake.table(t), s3=self.lake.s3)
             if v is None:
                 raise DataError(f"stage {stage!r} needs table {t!r}, which does not exist yet: run "
                                 f"`clustermix {registry.producer(t).name}` (or `clustermix run`) first")
@@ -122,7 +119,7 @@ class Run:
         latest version differs."""
         out = {}
         for t in registry.get(stage).reads:
-            v = deltalog.data_version(self.lake.table(t))
+            v = deltalog.data_version(self.lake.table(t), s3=self.lake.s3)
             if v is not None and v != inputs.get(t):
                 out[t] = v
         return out
@@ -140,10 +137,10 @@ class Run:
         # `clustermix maintain` leaves every stage current (the stage itself reads the latest version)
         fp = fingerprint(stage, chash, {**inputs, **self.data_versions(stage, inputs)})
         outs = [self.lake.table(t) for t in decl.writes]
-        if deltalog.is_current(outs, fp):
+        if deltalog.is_current(outs, fp, s3=self.lake.s3):
             rec: dict[str, Any] = {"status": "skipped", "reason": "outputs current for these inputs and config",
-                   "versions": {t: deltalog.version(self.lake.table(t)) for t in decl.writes}, "inputs": inputs}
-            prev = deltalog.last_commit_meta(outs[0]) or {}
+                   "versions": {t: deltalog.version(self.lake.table(t), s3=self.lake.s3) for t in decl.writes}, "inputs": inputs}
+            prev = deltalog.last_commit_meta(outs[0], s3=self.lake.s3) or {}
             rec["written_by_run"] = prev.get("run_id")
             self.manifest["stages"][stage] = rec
             self.save()
@@ -280,7 +277,7 @@ def session(cfg: Config, run_id: str | None = None, spark: SparkSession | None =
     finally:
         run.settle()
         run.manifest["finished_at"] = _now()
-        run.manifest["tables"] = {t: deltalog.version(run.lake.table(t)) for t in registry.tables()}
+        run.manifest["tables"] = {t: deltalog.version(run.lake.table(t), s3=run.lake.s3) for t in registry.tables()}
         try:
             run.save()
             _record(run)
@@ -312,6 +309,6 @@ def run_stages(cfg: Config, stages: tuple[str, ...] | None = None, run_id: str |
 
 def check_k(run: Run) -> None:
     """Before hours of embedding: a k larger than the accepted documents cannot be fitted."""
-    n_docs = deltalog.num_records(run.lake.table("docs"))
+    n_docs = deltalog.num_records(run.lake.table("docs"), s3=run.lake.s3)
     if run.cfg.cluster.k > n_docs:
         raise DataError(f"config error: cluster.k={run.cfg.cluster.k}: greater than the {n_docs} accepted documents")

@@ -86,10 +86,10 @@ def kept_members(assignments: tuple[str, int | None], duplicates: tuple[str, int
 
     from clustermix import deltalog
 
-    asg_files, asg_rows = deltalog.file_counts(*assignments)
+    asg_files, asg_rows = deltalog.file_counts(*assignments, s3=s3)
     members = ray.data.read_datasource(files_source(asg_files, asg_rows, ["id", "cluster_id"], block_rows, s3=s3))
-    if duplicates is not None and deltalog.num_records(*duplicates):
-        dup_files, dup_rows = deltalog.file_counts(*duplicates)
+    if duplicates is not None and deltalog.num_records(*duplicates, s3=s3):
+        dup_files, dup_rows = deltalog.file_counts(*duplicates, s3=s3)
         dups = ray.data.read_datasource(files_source(dup_files, dup_rows, ["id"], block_rows, s3=s3))
         members = members.join(dups, join_type="left_anti", num_partitions=partitions, on=("id",))
     return members

@@ -41,7 +41,7 @@ def run_refresh(cfg: Config, *, recluster: bool = False, run_id: str | None = No
     with session(cfg, run_id, spark, mode="refresh", stages=(*stages, "assign")) as run:
         spec = resolve_input(cfg, run.lake.root)
         taken = runs.taken_files(run.lake)
-        if taken is None or deltalog.version(run.lake.table("centroids")) is None:
+        if taken is None or deltalog.version(run.lake.table("centroids"), s3=run.lake.s3) is None:
             # the first night: everything there is, with a fit of its own
             run.manifest["mode"] = "bootstrap"
             log.info("refresh: no earlier refresh on %s: running every stage over all input", run.lake.root)

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from deltalake import DeltaTable
     from pyarrow.fs import FileSystem
 
+    from clustermix.storage import S3Settings
+
 SCHEMA = "clustermix.report/1"
 SNIPPET_CHARS = 320
 NO_SEARCH = "The mixture search did not run: the lake has no mixtures table."
@@ -38,16 +40,16 @@ NO_EVALUATION = ("Evaluation was not run: the lake has no evaluations table. To 
                  "trains proxies on the mix and on baselines of the same size and scores them on the hold-out).")
 
 
-def _fs(uri: str) -> tuple[FileSystem, str]:
+def _fs(uri: str, lake: Lake) -> tuple[FileSystem, str]:
     from clustermix.lake import open_fs
 
-    return open_fs(uri)
+    return open_fs(uri, lake.s3)
 
 
 def _run_ids(lake: Lake) -> list[str]:
     from pyarrow import fs as pafs
 
-    filesystem, base = _fs(f"{lake.root}/runs")
+    filesystem, base = _fs(f"{lake.root}/runs", lake)
     infos = filesystem.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     # run ids start with a UTC timestamp, so their order is the order the runs started; the runs table
     # shares the folder (its _delta_log is no run)
@@ -58,20 +60,21 @@ def _manifest(lake: Lake, run_id: str) -> dict[str, Any] | None:
     from clustermix.manifest import read_json
 
     try:
-        return read_json(f"{lake.run_dir(run_id)}/manifest.json")
+        return read_json(f"{lake.run_dir(run_id)}/manifest.json", s3=lake.s3)
     except (OSError, ValueError):
         return None
 
 
-def list_runs(lake_root: str) -> list[dict[str, Any]]:
+def list_runs(lake_root: str, *, s3: S3Settings | None = None) -> list[dict[str, Any]]:
     """Every run recorded in the lake's ``runs`` table, oldest first: id, mode, start, outcome, drift
-    decision, the blended version it left, and whether its report exists."""
+    decision, the blended version it left, and whether its report exists. ``s3``: the object-store
+    settings of a lake on ``s3://``."""
     from clustermix.runs import read_runs
 
-    lake = Lake(lake_root)
+    lake = Lake(lake_root, s3)
     out = []
     for r in read_runs(lake):
-        filesystem, path = _fs(f"{lake.run_dir(r['run_id'])}/report.html")
+        filesystem, path = _fs(f"{lake.run_dir(r['run_id'])}/report.html", lake)
         out.append({"run_id": r["run_id"], "mode": r["mode"], "outcome": r["outcome"],
                     "started_at": r["started_at"].isoformat() if r["started_at"] else None,
                     "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
@@ -126,7 +129,7 @@ class _Run:
         from clustermix.deltalog import storage_options
 
         uri = self.lake.table(name)
-        opts = storage_options(uri)  # the object store's endpoint, region and retries
+        opts = storage_options(uri, self.lake.s3)  # the object store's endpoint, region and retries
         recorded = name in (self.m.get("tables") or {})
         v = self.version(name)
         if (recorded and v is None) or not DeltaTable.is_deltatable(uri, storage_options=opts):
@@ -521,9 +524,10 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
-    """Gather the report's figures for run ``run_id`` (None: the newest run) as a JSON-able dict."""
-    lake = Lake(lake_root)
+def build_report(lake_root: str, run_id: str | None = None, *, s3: S3Settings | None = None) -> dict[str, Any]:
+    """Gather the report's figures for run ``run_id`` (None: the newest run) as a JSON-able dict.
+    ``s3``: the object-store settings of a lake on ``s3://``."""
+    lake = Lake(lake_root, s3)
     if run_id is None:
         ids = _run_ids(lake)
         if not ids:
@@ -587,16 +591,16 @@ def build_report(lake_root: str, run_id: str | None = None) -> dict[str, Any]:
     return _clean(rep)
 
 
-def write_report(lake_root: str, run_id: str | None = None) -> tuple[str, str]:
+def write_report(lake_root: str, run_id: str | None = None, *, s3: S3Settings | None = None) -> tuple[str, str]:
     """Write ``report.json`` and ``report.html`` into the run's folder; return their URIs (json, html)."""
     from clustermix.report_html import render
     from clustermix.report_plots import render_all
 
-    rep = build_report(lake_root, run_id)
+    rep = build_report(lake_root, run_id, s3=s3)
     figures = render_all(rep)
     rep["figures"] = sorted(figures)
-    run_dir = Lake(lake_root).run_dir(rep["run"]["run_id"])
+    run_dir = Lake(lake_root, s3).run_dir(rep["run"]["run_id"])
     json_uri, html_uri = f"{run_dir}/report.json", f"{run_dir}/report.html"
-    write_atomic(json_uri, json.dumps(rep, indent=2, allow_nan=False).encode())
-    write_atomic(html_uri, render(rep, figures).encode())
+    write_atomic(json_uri, json.dumps(rep, indent=2, allow_nan=False).encode(), s3=s3)
+    write_atomic(html_uri, render(rep, figures).encode(), s3=s3)
     return json_uri, html_uri

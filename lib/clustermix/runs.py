@@ -17,17 +17,18 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from clustermix.lake import Lake
+    from clustermix.storage import S3Settings
 
 RUNS, LEDGER = "runs", "input_files"
 
 
-def _append(uri: str, table: pa.Table) -> None:
+def _append(uri: str, table: pa.Table, s3: S3Settings | None) -> None:
     from deltalake import write_deltalake
 
     from clustermix.deltalog import storage_options
 
     # merge: a ledger written before it had the status and reason columns takes them on
-    write_deltalake(uri, table, mode="append", schema_mode="merge", storage_options=storage_options(uri))
+    write_deltalake(uri, table, mode="append", schema_mode="merge", storage_options=storage_options(uri, s3))
 
 
 def _ts(iso: str | None) -> datetime | None:
@@ -62,7 +63,7 @@ def record_run(lake: Lake, manifest: dict[str, Any]) -> None:
         ("versions_written", pa.string()), ("tables", pa.string()), ("drift", pa.string()), ("decision", pa.string()),
         ("recorded_at", pa.timestamp("us", tz="UTC")),
     ])
-    _append(lake.table(RUNS), pa.Table.from_pylist([row], schema=schema))
+    _append(lake.table(RUNS), pa.Table.from_pylist([row], schema=schema), lake.s3)
 
 
 def taken_files(lake: Lake) -> dict[str, tuple[int, int]] | None:
@@ -71,13 +72,13 @@ def taken_files(lake: Lake) -> dict[str, tuple[int, int]] | None:
     from clustermix.deltalog import version
 
     uri = lake.table(LEDGER)
-    if version(uri) is None:
+    if version(uri, s3=lake.s3) is None:
         return None
     from deltalake import DeltaTable
 
     from clustermix.deltalog import storage_options
 
-    t = DeltaTable(uri, storage_options=storage_options(uri)).to_pyarrow_table(
+    t = DeltaTable(uri, storage_options=storage_options(uri, lake.s3)).to_pyarrow_table(
         columns=["path", "size", "mtime_ns", "taken_at"])
     out: dict[str, tuple[int, int]] = {}
     for row in sorted(t.to_pylist(), key=lambda r: r["taken_at"]):
@@ -105,7 +106,7 @@ def record_taken(lake: Lake, files: dict[str, list[int]], run_id: str,
         "status": pa.array([bad.get(p, ("ingested", None))[0] for p in paths], pa.string()),
         "reason": pa.array([bad.get(p, ("ingested", None))[1] for p in paths], pa.string()),
     })
-    _append(lake.table(LEDGER), table)
+    _append(lake.table(LEDGER), table, lake.s3)
 
 
 def new_files(listing: dict[str, list[int]], taken: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
@@ -120,7 +121,7 @@ def read_runs(lake: Lake) -> list[dict[str, Any]]:
     from clustermix.deltalog import storage_options, version
 
     uri = lake.table(RUNS)
-    if version(uri) is None:
+    if version(uri, s3=lake.s3) is None:
         return []
-    rows = DeltaTable(uri, storage_options=storage_options(uri)).to_pyarrow_table().to_pylist()
+    rows = DeltaTable(uri, storage_options=storage_options(uri, lake.s3)).to_pyarrow_table().to_pylist()
     return sorted(rows, key=lambda r: r["recorded_at"])

@@ -106,7 +106,7 @@ def join_bucket(p: int, staging: str, n_groups: int, s3: S3Settings | None) -> i
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    parts = {side: _read(lk.list_parquet(f"{staging}/{side}/b={p}"), s3) for side in SIDES}
+    parts = {side: _read(lk.list_parquet(f"{staging}/{side}/b={p}", s3=s3), s3) for side in SIDES}
     asg, emb = parts["asg"], parts["emb"]
     if asg is None or emb is None:
         return 0
@@ -146,7 +146,7 @@ class Deduper:
 
         from clustermix.semdedup import dedup_sorted, member_order
 
-        files = lk.list_parquet(f"{staging}/grp/g={g}")
+        files = lk.list_parquet(f"{staging}/grp/g={g}", s3=s3)
         ids_t = _read(files, s3, ["cluster_id"])
         if ids_t is None:
             return None, {}
@@ -184,19 +184,18 @@ def run_semantic(lake: Lake, cfg: Config, inputs: dict[str, Any], run_id: str, w
     """The three rounds over the pinned inputs, then one commit that replaces ``semantic_duplicates``."""
     import ray
 
-    from clustermix import storage
     from clustermix.models import model_id
 
     scfg = cfg.dedup.semantic
     uri = lake.table(TABLE)
-    s3 = storage.settings_for(uri)
+    s3 = lake.s3  # handed to the Ray workers explicitly
     staging = lake.staging(TABLE, run_id)
-    n = deltalog.num_records(lake.table("embeddings"), inputs["embeddings"])
+    n = deltalog.num_records(lake.table("embeddings"), inputs["embeddings"], s3=lake.s3)
     n_buckets = max(1, math.ceil(n / ROWS_PER_BUCKET))
     n_groups = scfg.num_actors * GROUPS_PER_ACTOR
-    files = {"emb": deltalog.file_uris(lake.table("embeddings"), inputs["embeddings"]),
-             "asg": deltalog.file_uris(lake.table("assignments"), inputs["assignments"]),
-             "doc": deltalog.file_uris(lake.table("docs"), inputs["docs"])}
+    files = {"emb": deltalog.file_uris(lake.table("embeddings"), inputs["embeddings"], s3=lake.s3),
+             "asg": deltalog.file_uris(lake.table("assignments"), inputs["assignments"], s3=lake.s3),
+             "doc": deltalog.file_uris(lake.table("docs"), inputs["docs"], s3=lake.s3)}
     model = model_id(cfg.embed.model)
     try:
         route_task = ray.remote(num_cpus=1)(route)
@@ -215,7 +214,7 @@ def run_semantic(lake: Lake, cfg: Config, inputs: dict[str, Any], run_id: str, w
         lake.remove(staging)
     parts = [p for p, _ in done if p is not None]
     per_cluster = {c: v for _, counts in done for c, v in counts.items()}
-    write.record(TABLE, deltars.commit_parts(uri, deltars.arrow_schema(TABLE), parts, write.meta, "overwrite"))
+    write.record(TABLE, deltars.commit_parts(uri, deltars.arrow_schema(TABLE), parts, write.meta, "overwrite", s3=s3))
     n_dups = sum(d for _, d in per_cluster.values())
     return {"enabled": True, "threshold": scfg.threshold, "keep": scfg.keep, "members": members,
             "duplicates": n_dups, "kept": members - n_dups, "buckets": n_buckets, "groups": n_groups,
@@ -228,7 +227,7 @@ def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     stages after it read) and starts no Ray."""
     if not ctx.cfg.dedup.semantic.enabled:
         schema = deltars.arrow_schema(TABLE)
-        ctx.write.record(TABLE, deltars.overwrite(ctx.lake.table(TABLE), schema.empty_table(), ctx.write.meta))
+        ctx.write.record(TABLE, deltars.overwrite(ctx.lake.table(TABLE), schema.empty_table(), ctx.write.meta, s3=ctx.lake.s3))
         return {"enabled": False, "duplicates": 0}
     ctx.ray()
     return run_semantic(ctx.lake, ctx.cfg, inputs, ctx.run_id, ctx.write)

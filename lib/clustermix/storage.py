@@ -8,6 +8,12 @@ uses the AWS default chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, 
 instance or pod role). Endpoint and region come from ``storage.endpoint``/``storage.region`` when set,
 else from AWS_ENDPOINT_URL and AWS_REGION (or AWS_DEFAULT_REGION).
 
+The settings are a value, never process state: :func:`settings` resolves a config's ``storage``
+section into :class:`S3Settings`, a :class:`clustermix.lake.Lake` carries them (``lake.s3``), and
+every helper that may open an ``s3://`` URI takes them as ``s3=``. A call on an ``s3://`` URI without
+settings raises :class:`S3SettingsMissing` instead of guessing from the environment. Nothing here
+writes ``os.environ``.
+
 Commit safety on S3: the Spark stages commit through delta-spark 4.0.0 on s3a with
 ``S3SingleDriverLogStore``, whose put-if-absent holds within one driver only, so clustermix lets one
 run (one driver) write a lake at a time: :class:`clustermix.lake.LakeLock` takes
@@ -21,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +40,10 @@ S3_SCHEMES = ("s3://", "s3a://")
 # container and instance roles: the same sources as pyarrow, delta-rs and boto3.
 DEFAULT_SPARK_CREDENTIALS = "software.amazon.awssdk.auth.credentials.DefaultCredentialsProvider"
 
-_lock = threading.Lock()
-_state: dict[str, StorageConfig] = {}  # "cfg": the storage section of the config built last
+
+class S3SettingsMissing(TypeError):
+    """An ``s3://`` URI was opened with no :class:`S3Settings`: a caller forgot to pass ``s3=``
+    (``lake.s3``, or :func:`settings` of the config's ``storage`` section)."""
 
 
 @dataclass(frozen=True)
@@ -56,21 +63,12 @@ class S3Settings:
         return bool(self.endpoint and self.endpoint.startswith("http://"))
 
 
-def configure(cfg: StorageConfig) -> None:
-    """Make ``cfg`` the process's object-store settings, for the clients that open URIs on their own
-    (pyarrow, delta-rs, boto3). Called by the entry points (the CLI, a run's start), never as a side
-    effect of building a config; the engines' sessions take the settings as an argument."""
-    with _lock:
-        _state["cfg"] = cfg
-    apply_env()
-
-
 def settings(given: StorageConfig | None = None) -> S3Settings:
-    """S3 settings from ``given`` (default: the process's, :func:`configure`) where it says something,
-    else from the AWS env."""
+    """S3 settings from the ``storage`` section ``given`` where it says something, else from the AWS
+    env (read, never written). ``None``: the defaults, as an empty ``storage`` section."""
     from clustermix.config import StorageConfig
 
-    cfg = given or _state.get("cfg") or StorageConfig()
+    cfg = given if given is not None else StorageConfig()
     endpoint = cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
     # S3-compatible servers (MinIO, Ceph, moto) want path-style URLs; AWS wants virtual-hosted ones
@@ -79,12 +77,6 @@ def settings(given: StorageConfig | None = None) -> S3Settings:
                       retries=cfg.retries, connect_timeout_s=cfg.connect_timeout_s,
                       request_timeout_s=cfg.request_timeout_s,
                       spark_credentials_provider=cfg.spark_credentials_provider or DEFAULT_SPARK_CREDENTIALS)
-
-
-def settings_for(uri: str) -> S3Settings | None:
-    """The process's S3 settings when ``uri`` is on S3, else None: what the driver hands its Ray
-    workers explicitly, as they never ran :func:`configure`."""
-    return settings() if is_s3(uri) else None
 
 
 def is_s3(uri: str | None) -> bool:
@@ -98,12 +90,19 @@ def bucket_key(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def pyarrow_fs(given: S3Settings | None = None) -> S3FileSystem:
-    """pyarrow's S3 filesystem with ``given`` settings (default: the process's) and their retry strategy.
+def require(uri: str, s3: S3Settings | None) -> S3Settings:
+    """``s3``, which a call on the ``s3://`` URI ``uri`` needs: :class:`S3SettingsMissing` when None."""
+    if s3 is None:
+        raise S3SettingsMissing(
+            f"{uri} is on S3 but no S3 settings were passed (s3=None): pass the lake's (lake.s3) or "
+            "clustermix.storage.settings(cfg.storage); clustermix never falls back to process-wide settings")
+    return s3
 
-    A Ray worker never ran :func:`configure`, so code that runs there is handed the driver's
-    settings explicitly instead of relying on the worker's environment."""
-    return _pyarrow_fs(given or settings())
+
+def pyarrow_fs(s3: S3Settings | None, uri: str = "s3://") -> S3FileSystem:
+    """pyarrow's S3 filesystem with the settings ``s3`` (required) and their retry strategy. Code on
+    a Ray worker is handed the driver's settings: a worker has none of its own."""
+    return _pyarrow_fs(require(uri, s3))
 
 
 @functools.lru_cache(maxsize=8)
@@ -124,12 +123,12 @@ def _pyarrow_fs(s: S3Settings) -> S3FileSystem:
     return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def delta_options(uri: str, given: S3Settings | None = None) -> dict[str, str]:
-    """delta-rs ``storage_options`` for the table at ``uri`` (empty for a local path), from ``given``
-    settings (default: the process's)."""
+def delta_options(uri: str, s3: S3Settings | None) -> dict[str, str]:
+    """delta-rs ``storage_options`` for the table at ``uri`` (empty for a local path), from the
+    settings ``s3`` (required for an ``s3://`` URI)."""
     if not is_s3(uri):
         return {}
-    s = given or settings()
+    s = require(uri, s3)
     opts = {
         "max_retries": str(s.retries),  # object_store retries 5xx, 429 and connection errors with backoff
         "retry_timeout": f"{max(30, int(s.request_timeout_s * (s.retries + 1)))}s",
@@ -146,7 +145,7 @@ def delta_options(uri: str, given: S3Settings | None = None) -> dict[str, str]:
     return opts
 
 
-def spark_conf(given: StorageConfig | None = None) -> dict[str, str]:
+def spark_conf(given: StorageConfig) -> dict[str, str]:
     """Spark/Hadoop settings for s3a (``s3://`` URIs are served by s3a too), and Delta's S3 LogStore."""
     s = settings(given)
     h = "spark.hadoop.fs.s3a."
@@ -171,30 +170,23 @@ def spark_conf(given: StorageConfig | None = None) -> dict[str, str]:
     return conf
 
 
-def ray_env(given: StorageConfig | None = None) -> dict[str, str]:
-    """The non-secret settings Ray workers on other machines need (they read the AWS env there)."""
-    cfg = given or _state.get("cfg")
+def ray_env(given: StorageConfig) -> dict[str, str]:
+    """The non-secret settings of the ``storage`` section ``given`` for the runtime_env of Ray workers
+    on other machines (they read the AWS env there). The stages hand their workers the settings
+    explicitly as well (``lake.s3``); this only keeps a worker's own AWS env consistent with them."""
     env = {}
-    if cfg is not None and cfg.endpoint:
-        env["AWS_ENDPOINT_URL"] = cfg.endpoint
-    if cfg is not None and cfg.region:
-        env["AWS_REGION"] = cfg.region
+    if given.endpoint:
+        env["AWS_ENDPOINT_URL"] = given.endpoint
+    if given.region:
+        env["AWS_REGION"] = given.region
     if settings(given).allow_http:
         env["AWS_ALLOW_HTTP"] = "true"  # delta-rs refuses http:// endpoints without it
     return env
 
 
-def apply_env() -> None:
-    """Export the configured endpoint/region (and AWS_ALLOW_HTTP for an http:// endpoint) as AWS env
-    vars, so that clients that resolve a URI on their own (Ray Data's readers and writers, a
-    ``DeltaTable`` opened without :func:`delta_options`, local Ray workers) reach the same store."""
-    for key, value in ray_env().items():
-        os.environ[key] = value
-
-
-def boto3_client(service: str = "s3") -> Any:
-    """A boto3 client with the process's settings (the run lock's conditional writes)."""
-    return _boto3_client(service, settings())
+def boto3_client(s3: S3Settings | None, service: str = "s3") -> Any:
+    """A boto3 client with the settings ``s3`` (required; the run lock's conditional writes)."""
+    return _boto3_client(service, require(f"{service}://", s3))
 
 
 @functools.lru_cache(maxsize=8)
@@ -228,7 +220,7 @@ def _error_code(exc: BaseException) -> str:
 
 # S3 answers these when a conditional write loses: the object exists / changed, or a concurrent
 # conditional write to the same key is in flight
-_PRECONDITION = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+_PRECONDITION = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412", "409"})
 
 
 def _storage_error(uri: str, exc: BaseException) -> Exception:
@@ -238,13 +230,13 @@ def _storage_error(uri: str, exc: BaseException) -> Exception:
                         f"and storage.endpoint/AWS_ENDPOINT_URL)")
 
 
-def read_json_object(uri: str) -> tuple[dict[str, Any], str] | None:
+def read_json_object(uri: str, *, s3: S3Settings | None) -> tuple[dict[str, Any], str] | None:
     """The JSON object at ``uri`` and its ETag, or None when there is none."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = bucket_key(uri)
     try:
-        obj = boto3_client().get_object(Bucket=bucket, Key=key)
+        obj = boto3_client(require(uri, s3)).get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if _error_code(exc) in {"NoSuchKey", "404"}:
             return None
@@ -258,7 +250,8 @@ def read_json_object(uri: str) -> tuple[dict[str, Any], str] | None:
     return (doc if isinstance(doc, dict) else {}), str(obj.get("ETag", ""))
 
 
-def put_json_if(uri: str, doc: dict[str, Any], *, absent: bool = True, etag: str | None = None) -> bool:
+def put_json_if(uri: str, doc: dict[str, Any], *, s3: S3Settings | None, absent: bool = True,
+                etag: str | None = None) -> bool:
     """Write ``doc`` at ``uri`` only if no object is there (``If-None-Match: *``) or only if the object
     there still has ``etag`` (``If-Match``): S3's conditional writes, atomic on the server. False
     when the condition failed (someone else wrote first); :class:`StorageError` on a permanent error."""
@@ -267,7 +260,7 @@ def put_json_if(uri: str, doc: dict[str, Any], *, absent: bool = True, etag: str
     bucket, key = bucket_key(uri)
     cond = {"IfMatch": etag} if etag is not None else ({"IfNoneMatch": "*"} if absent else {})
     try:
-        boto3_client().put_object(Bucket=bucket, Key=key, Body=json.dumps(doc).encode(),
+        boto3_client(require(uri, s3)).put_object(Bucket=bucket, Key=key, Body=json.dumps(doc).encode(),
                                   ContentType="application/json", **cond)
     except ClientError as exc:
         if _error_code(exc) in _PRECONDITION:
@@ -278,7 +271,7 @@ def put_json_if(uri: str, doc: dict[str, Any], *, absent: bool = True, etag: str
     return True
 
 
-def delete_object(uri: str) -> None:
+def delete_object(uri: str, *, s3: S3Settings | None) -> None:
     """Remove the object at ``uri`` (no error when it is gone)."""
     bucket, key = bucket_key(uri)
-    boto3_client().delete_object(Bucket=bucket, Key=key)
+    boto3_client(require(uri, s3)).delete_object(Bucket=bucket, Key=key)

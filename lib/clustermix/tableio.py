@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
+    from clustermix.storage import S3Settings
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ def write(df: DataFrame, lake: Lake, name: str, meta: dict[str, Any], *, partiti
     With ``replace_where`` (a SQL predicate), only the rows matching it are replaced, atomically,
     and the table is created if it does not exist yet."""
     writer = df.write.format("delta").mode("overwrite").option("userMetadata", json.dumps(meta, sort_keys=True))
-    if replace_where and version(lake.table(name)) is not None:
+    if replace_where and version(lake.table(name), s3=lake.s3) is not None:
         writer = writer.option("replaceWhere", replace_where)
     else:
         writer = writer.option("overwriteSchema", "true")
@@ -53,7 +55,7 @@ def write(df: DataFrame, lake: Lake, name: str, meta: dict[str, Any], *, partiti
     if max_records_per_file:
         writer = writer.option("maxRecordsPerFile", str(max_records_per_file))
     writer.save(lake.spark_uri(name))
-    v = version(lake.table(name))
+    v = version(lake.table(name), s3=lake.s3)
     assert v is not None
     return v
 
@@ -71,7 +73,7 @@ def read(spark: SparkSession, lake: Lake, name: str, at_version: int | None = No
     delta-spark would rebuild the new version's snapshot with three Spark jobs and plan the scan with
     another, a large part of a small stage's fixed cost on one machine (figures: bench/RESULTS.md).
     Other reads use Delta's reader."""
-    if at_version is not None and (files := pinned_files(lake.table(name), at_version)) is not None:
+    if at_version is not None and (files := pinned_files(lake.table(name), at_version, s3=lake.s3)) is not None:
         schema, paths = files
         return spark.read.schema(schema).parquet(*paths)
     reader = spark.read.format("delta")
@@ -80,7 +82,7 @@ def read(spark: SparkSession, lake: Lake, name: str, at_version: int | None = No
     return reader.load(lake.spark_uri(name))
 
 
-def pinned_files(uri: str, at_version: int) -> tuple[StructType, list[str]] | None:
+def pinned_files(uri: str, at_version: int, *, s3: S3Settings | None = None) -> tuple[StructType, list[str]] | None:
     """The Spark schema and the Parquet files (as Spark spells them) of version ``at_version`` of the
     table at ``uri``, when those files alone are that version: at most :data:`FEW_FILES` files, no
     partition columns (their values live in the log) and reader protocol 1 (no column mapping or
@@ -88,7 +90,7 @@ def pinned_files(uri: str, at_version: int) -> tuple[StructType, list[str]] | No
     from deltalake import DeltaTable
     from pyspark.sql.types import StructType
 
-    dt = DeltaTable(uri, version=at_version, storage_options=storage_options(uri))
+    dt = DeltaTable(uri, version=at_version, storage_options=storage_options(uri, s3))
     if dt.protocol().min_reader_version > 1 or dt.metadata().partition_columns:
         return None
     files = dt.file_uris()
@@ -97,7 +99,7 @@ def pinned_files(uri: str, at_version: int) -> tuple[StructType, list[str]] | No
     return StructType.fromJson(json.loads(dt.schema().to_json())), [spark_path(f) for f in files]
 
 
-def load_state(spark: SparkSession, uri: str) -> None:
+def load_state(spark: SparkSession, uri: str, *, s3: S3Settings | None = None) -> None:
     """Have delta-spark compute the state (file list, sizes, domain metadata) of the latest version
     of the table at ``uri``, and keep it cached with that version's snapshot; a no-op when there is
     no table yet.
@@ -108,13 +110,13 @@ def load_state(spark: SparkSession, uri: str) -> None:
     it cached: a 1,000-row overwrite runs 2 jobs instead of 5."""
     from delta.tables import DeltaTable
 
-    if version(uri) is not None:
+    if version(uri, s3=s3) is not None:
         DeltaTable.forPath(spark, spark_path(uri)).detail().collect()
 
 
-def _load_state_quietly(spark: SparkSession, uri: str) -> None:
+def _load_state_quietly(spark: SparkSession, uri: str, s3: S3Settings | None = None) -> None:
     try:
-        load_state(spark, uri)
+        load_state(spark, uri, s3=s3)
     except Exception as exc:  # only a head start: the write itself will meet any real problem
         log.debug("loading the state of %s ahead of its write failed: %s", uri, exc)
 
@@ -137,7 +139,7 @@ class TableWriter:
 
         for name in names:
             if name not in self._loading:
-                thread = InheritableThread(target=_load_state_quietly, args=(spark, self.lake.table(name)),
+                thread = InheritableThread(target=_load_state_quietly, args=(spark, self.lake.table(name), self.lake.s3),
                                            name=f"load-state-{name}", daemon=True)
                 thread.start()
                 self._loading[name] = thread
@@ -152,12 +154,13 @@ class TableWriter:
 
         own = list(self._loading.values())
         uris = [self.lake.table(name) for name in names]
+        s3 = self.lake.s3
 
         def load_after_own() -> None:
             for thread in own:
                 thread.join()
             for uri in uris:
-                _load_state_quietly(spark, uri)
+                _load_state_quietly(spark, uri, s3)
 
         thread = InheritableThread(target=load_after_own, name="load-state-next", daemon=True)
         thread.start()
@@ -206,7 +209,7 @@ class TableWriter:
         finally:
             spark.conf.unset(key)
             self._reap(name)
-        v = version(self.lake.table(name))
+        v = version(self.lake.table(name), s3=self.lake.s3)
         assert v is not None
         self.versions[name] = v
         return v

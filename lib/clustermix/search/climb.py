@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from clustermix.config import SearchConfig
     from clustermix.search.mixtures import SearchSpace
     from clustermix.search.proxy import ProxySpec
+    from clustermix.storage import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,14 @@ def apportion(weights: dict[int, float], total: int) -> dict[int, int]:
     return {k: int(n) for k, n in zip(keys, out, strict=True)}
 
 
-def read_pool(pool_uri: str, need: dict[int, int]) -> dict[int, list[str]]:
+def read_pool(pool_uri: str, need: dict[int, int], s3: S3Settings | None = None) -> dict[int, list[str]]:
     """The pool rows a mixture needs: per cluster, documents in pool order until their estimated
-    tokens cover ``need[k]`` (every document whose offset ``before`` is below it)."""
+    tokens cover ``need[k]`` (every document whose offset ``before`` is below it). ``s3``: the
+    driver's object-store settings when the pool is on ``s3://``."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
+
+    from clustermix.lake import open_fs
 
     expr = None
     for k, n in sorted(need.items()):
@@ -127,7 +131,8 @@ def read_pool(pool_uri: str, need: dict[int, int]) -> dict[int, list[str]]:
     out: dict[int, list[str]] = {k: [] for k in need}
     if expr is None:
         return out
-    table = ds.dataset(pool_uri, format="parquet", partitioning="hive").to_table(
+    filesystem, path = open_fs(pool_uri, s3)
+    table = ds.dataset(path, filesystem=filesystem, format="parquet", partitioning="hive").to_table(
         columns=["cluster_id", "rank", "text"], filter=expr)
     table = table.take(pc.sort_indices(table, [("cluster_id", "ascending"), ("rank", "ascending")]))
     for c, text in zip(table.column("cluster_id").to_pylist(), table.column("text").to_pylist(), strict=True):
@@ -135,23 +140,27 @@ def read_pool(pool_uri: str, need: dict[int, int]) -> dict[int, list[str]]:
     return out
 
 
-def read_target(target_uri: str) -> list[str]:
+def read_target(target_uri: str, s3: S3Settings | None = None) -> list[str]:
     """The target texts the stage wrote (bounded by ``search.target_max_docs``), in their order."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    table = ds.dataset(target_uri, format="parquet").to_table(columns=["rank", "text_hash", "text"])
+    from clustermix.lake import open_fs
+
+    filesystem, path = open_fs(target_uri, s3)
+    table = ds.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=["rank", "text_hash", "text"])
     order = pc.sort_indices(table, [("rank", "ascending"), ("text_hash", "ascending")])
     return table.take(order).column("text").to_pylist()
 
 
 def train_proxy(pool_uri: str, target_uri: str, weights: dict[int, float], spec: ProxySpec,
-                seed: int) -> dict[str, Any]:
-    """One proxy, as a Ray task body: draw the mixture's tokens, train, score on the target."""
+                seed: int, s3: S3Settings | None = None) -> dict[str, Any]:
+    """One proxy, as a Ray task body: draw the mixture's tokens, train, score on the target (``s3``:
+    the driver's object-store settings, a worker has none of its own)."""
     from clustermix.search.proxy import stream, train_and_score
 
     need = apportion(weights, spec.tokens + 1)  # +1: the last window's shifted target
-    docs = read_pool(pool_uri, need)
+    docs = read_pool(pool_uri, need, s3)
     parts, passes = [], {}
     for k, n in need.items():
         toks, p = stream(docs[k], spec, n, cycle=True)
@@ -159,7 +168,7 @@ def train_proxy(pool_uri: str, target_uri: str, weights: dict[int, float], spec:
             raise RuntimeError(f"cluster {k}: the pool has no tokens for a weight of {weights[k]:.4g}")
         parts.append(toks)
         passes[k] = p
-    target, _ = stream(read_target(target_uri), spec, spec.target_max_tokens + 1)
+    target, _ = stream(read_target(target_uri, s3), spec, spec.target_max_tokens + 1)
     res = train_and_score(np.concatenate(parts), target, spec, seed)
     res["max_passes"] = round(max(passes.values()), 4)
     res["docs_read"] = sum(len(v) for v in docs.values())
@@ -167,16 +176,17 @@ def train_proxy(pool_uri: str, target_uri: str, weights: dict[int, float], spec:
 
 
 def ray_evaluate(pool_uri: str, target_uri: str, cluster_ids: np.ndarray, spec: ProxySpec, num_cpus: float,
-                 num_gpus: float) -> Evaluate:
+                 num_gpus: float, s3: S3Settings | None = None) -> Evaluate:
     """An :data:`Evaluate` that trains each proxy as an independent Ray task (uses the Ray already
-    initialised), all of an iteration's in parallel as resources allow."""
+    initialised), all of an iteration's in parallel as resources allow. ``s3``: the driver's
+    object-store settings, handed to each task."""
     import ray
 
     task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)(train_proxy)
 
     def evaluate(jobs: list[Proxy]) -> list[dict[str, Any]]:
         refs = [task.remote(pool_uri, target_uri,
-                            {int(c): float(w) for c, w in zip(cluster_ids, job.weights, strict=True) if w > 0}, spec, job.seed)
+                            {int(c): float(w) for c, w in zip(cluster_ids, job.weights, strict=True) if w > 0}, spec, job.seed, s3)
                 for job in jobs]
         pending, done = list(refs), 0
         while pending:

@@ -204,7 +204,7 @@ def draw_pools(scfg: SearchConfig, docs_uri: str, docs_version: int | None, assi
     import ray
     import ray.data
 
-    docs_files, docs_rows = deltalog.file_counts(docs_uri, docs_version)
+    docs_files, docs_rows = deltalog.file_counts(docs_uri, docs_version, s3=s3)
     held_out = ray.put(pa.array(sorted(set(target.column("text_hash").to_pylist())), pa.string()))
     trainable = ray.data.read_datasource(rayread.files_source(
         docs_files, docs_rows, ["id", "text", "domain", "text_hash"], BLOCK_ROWS, s3=s3)).map_batches(

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from clustermix.config import Config, SearchConfig
     from clustermix.lake import Lake
     from clustermix.stage import Context
+    from clustermix.storage import S3Settings
     from clustermix.tableio import TableWriter
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ def proxy_spec(scfg: SearchConfig) -> ProxySpec:
                      scfg.target_max_tokens, scfg.device, scfg.torch_threads, scfg.seed)
 
 
-def target_fingerprint(scfg: SearchConfig) -> dict[str, Any]:
+def target_fingerprint(scfg: SearchConfig, *, s3: S3Settings | None = None) -> dict[str, Any]:
     """What the search depends on besides tables and config: the target file's content (pass it
-    as the stage's extra inputs, as the blend does for its mixture file)."""
+    as the stage's extra inputs, as the blend does for its mixture file). ``s3``: the object-store
+    settings of a target file on ``s3://``."""
     import hashlib
 
     from clustermix.lake import open_fs
@@ -64,7 +66,7 @@ def target_fingerprint(scfg: SearchConfig) -> dict[str, Any]:
     if p is None:
         return {}
     check_target(scfg)
-    filesystem, path = open_fs(p)
+    filesystem, path = open_fs(p, s3)
     digest = hashlib.sha256()
     with filesystem.open_input_stream(path) as fh:
         while chunk := fh.read(1 << 20):
@@ -92,20 +94,18 @@ def run_search(lake: Lake, cfg: Config, inputs: dict[str, int], run_id: str, wri
     import pyarrow.parquet as pq
     import ray
 
-    from clustermix import storage
-
     t0 = time.time()
     scfg = cfg.search
     check_target(scfg)
     clip = scfg.clip or cfg.sample.clip
     pool_tokens = scfg.pool_tokens_per_cluster or scfg.proxy_tokens
-    s3 = storage.settings_for(lake.root)  # handed to the Ray workers explicitly
-    cents = deltars.read_small(lake.table("centroids"), inputs.get("centroids"), ["cluster_id", "centroid"])
+    s3 = lake.s3  # handed to the Ray workers explicitly
+    cents = deltars.read_small(lake.table("centroids"), inputs.get("centroids"), ["cluster_id", "centroid"], s3=lake.s3)
     cents = cents.take(np.argsort(cents.column("cluster_id").to_numpy()))  # K rows
     cluster_ids = cents.column("cluster_id").to_numpy().astype(np.int64)
     target_uri, pool_uri = lake.staging("search_target", run_id), lake.staging("search_pool", run_id)
     try:
-        docs_files = deltalog.file_counts(lake.table("docs"), inputs.get("docs"))
+        docs_files = deltalog.file_counts(lake.table("docs"), inputs.get("docs"), s3=lake.s3)
         target = pools.draw_target(scfg, docs_files, s3)
         if target.num_rows == 0:
             where = f"domain {scfg.target_domain!r}" if scfg.target_domain else scfg.target_path
@@ -117,7 +117,7 @@ def run_search(lake: Lake, cfg: Config, inputs: dict[str, int], run_id: str, wri
         dups = lake.table("semantic_duplicates")
         per = pools.draw_pools(scfg, lake.table("docs"), inputs.get("docs"), lake.table("assignments"),
                                inputs.get("assignments"), target, pool_tokens, pool_uri, partitions, s3,
-                               (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups) is not None else None,
+                               (dups, inputs.get("semantic_duplicates")) if deltalog.version(dups, s3=s3) is not None else None,
                                holdout.of(cfg))
         tokens = np.array([per.get(int(c), 0) for c in cluster_ids], dtype=np.int64)
         groups = None
@@ -128,7 +128,7 @@ def run_search(lake: Lake, cfg: Config, inputs: dict[str, int], run_id: str, wri
         log.info("search: %d clusters (%d search dimensions), %d target texts", len(cluster_ids), space.dims,
                  target.num_rows)
         evaluate = ray_evaluate(pool_uri, target_uri, cluster_ids, proxy_spec(scfg), scfg.cpus_per_proxy,
-                                scfg.gpus_per_proxy)
+                                scfg.gpus_per_proxy, s3)
         records = run_climb(space, scfg, evaluate)
     finally:
         lake.remove(pool_uri)
@@ -136,10 +136,10 @@ def run_search(lake: Lake, cfg: Config, inputs: dict[str, int], run_id: str, wri
     best = min(records, key=lambda r: (r.score, r.iteration, r.mixture_id))
     # the proxies' results are committed with delta-rs, as the Ray stages commit theirs
     write.record("mixtures", deltars.overwrite(lake.table("mixtures"), mixtures_table(records, cluster_ids, best,
-                                                                                     run_id), write.meta))
+                                                                                     run_id), write.meta, s3=lake.s3))
     uniform = next((r for r in records if r.kind == "uniform"), None)
     doc = best_document(best, cluster_ids, uniform, run_id, scfg, clip)
-    write_json(best_mixture_uri(lake), doc)
+    write_json(best_mixture_uri(lake), doc, s3=lake.s3)
     later = [r for r in records if r.predicted is not None]
     return {
         "iterations": len(scfg.iterations), "proxies_trained": len(records),
@@ -181,7 +181,7 @@ def best_document(best: Proxy, cluster_ids: np.ndarray, uniform: Proxy | None, r
 
 
 def stage_inputs(ctx: Context) -> dict[str, Any]:
-    return target_fingerprint(ctx.cfg.search)
+    return target_fingerprint(ctx.cfg.search, s3=ctx.lake.s3)
 
 
 def run(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
