@@ -215,6 +215,15 @@ def test_two_level_sample_lifts_the_rare_sources(spark, planted, order):
         assert max(counts) - min(counts) <= 1
     assert info["balance"] == "groups_then_clusters" and flat_info["balance"] == "clusters"
     assert info["group_shares_after"]["entropy"] > info["group_shares_before"]["entropy"]
+    from clustermix.cli import summary_lines
+
+    manifest = {"run_id": "r", "lake_root": "/l", "outcome": "succeeded", "stages": {"sample": {"status": "ran", "seconds": 1.0, "counts": info}}}
+    groups = [x for x in summary_lines(manifest) if x.startswith("groups (domain): 5 groups")]
+    gb, ga = info["group_shares_before"], info["group_shares_after"]
+    assert groups == [f"groups (domain): 5 groups, share gini {gb['gini']} -> {ga['gini']}, smallest share "
+                      f"{gb['smallest_share']} -> {ga['smallest_share']}"] and ga["gini"] < gb["gini"]
+    flat_manifest = {**manifest, "stages": {"sample": {"status": "ran", "seconds": 1.0, "counts": flat_info}}}
+    assert not [x for x in summary_lines(flat_manifest) if x.startswith("groups")]  # cluster mode: no group line
 
 
 def test_two_level_sample_with_quality_within(spark, planted):

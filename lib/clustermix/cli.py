@@ -103,6 +103,10 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
         lines.append(f"sample: {sa['draws']} draws (budget {sa['budget']} {sa['unit']}, clip {sa['clip']}, "
                      f"shortfall {sa['shortfall']}); share gini {sa['shares_before'].get('gini')} -> "
                      f"{sa['shares_after'].get('gini')}")
+        if sa.get("group_shares_before"):
+            gb, ga = sa["group_shares_before"], sa["group_shares_after"]
+            lines.append(f"groups ({sa.get('group_column')}): {gb.get('clusters')} groups, share gini {gb.get('gini')} -> "
+                         f"{ga.get('gini')}, smallest share {gb.get('smallest_share')} -> {ga.get('smallest_share')}")
     se = st.get("search", {}).get("counts")
     if se:
         lines.append(f"search: {se.get('proxies_trained')} proxies over {se.get('iterations')} iterations, best "
