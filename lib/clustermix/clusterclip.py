@@ -179,7 +179,8 @@ def realise_mixture(sizes: ClusterSizes, weights: np.ndarray, scfg: SampleConfig
         tokens_at_clip = np.where(w > 0, scfg.clip * n_tokens / w, np.inf)  # the mix's size at k's clip
     by_budget = scfg.budget / docs_per_token.sum() if scfg.unit == "docs" else float(scfg.budget)
     limit = int(np.argmin(tokens_at_clip))
-    size = min(by_budget, float(tokens_at_clip[limit]))
+    limited = float(tokens_at_clip[limit]) < by_budget * (1 - 1e-9)  # a tie is the budget's, not the clip's
+    size = float(tokens_at_clip[limit]) if limited else by_budget
     real = docs_per_token * size
     caps = scfg.clip * sizes.n_docs
     draws = round_to_total(real, int(np.floor(real.sum() + 1e-9)), caps)
@@ -187,7 +188,7 @@ def realise_mixture(sizes: ClusterSizes, weights: np.ndarray, scfg: SampleConfig
     info = {
         "fit": "exact", "unit": scfg.unit, "budget": scfg.budget, "clip": scfg.clip, "draws": int(draws.sum()),
         "scale": round(size / by_budget, 6) if by_budget > 0 else None,
-        "limited_by_cluster": int(sizes.cluster_id[limit]) if tokens_at_clip[limit] < by_budget else None,
+        "limited_by_cluster": int(sizes.cluster_id[limit]) if limited else None,
         "unrealisable_clusters": unrealisable,
         "planned_total_variation": round(total_variation(w, planned), 6),
     }
