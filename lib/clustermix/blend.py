@@ -118,11 +118,13 @@ def run_blend(spark: SparkSession, stats: DataFrame, assignments: DataFrame, doc
         targets = targets_for(bcfg, sizes, s3=s3)
         if bcfg.mode == "mixture" and bcfg.mixture_fit == "exact":
             draws, fit = realise_mixture(sizes, targets, scfg)
-            info = {"mixture": {**fit, "searched": per_cluster(sizes.cluster_id, targets / targets.sum())}}
+            info = {"mixture": fit}
         else:
             draws, info = allocate_docs(sizes, targets, scfg)
             if bcfg.mode == "mixture":
-                info["mixture"] = {"fit": "fill", "searched": per_cluster(sizes.cluster_id, targets / targets.sum())}
+                info["mixture"] = {"fit": "fill"}
+        if bcfg.mode == "mixture":
+            info["mixture"]["searched"] = per_cluster(sizes.cluster_id, targets / targets.sum())
         planned = make_plan(spark, members_frame(assignments, docs, scfg.within), sizes, draws, scfg, partitions)
         n_rows = int(draws.sum())
     info["join"] = join_strategy(n_rows, bcfg.broadcast_max_rows)

@@ -176,13 +176,15 @@ def _row_schema() -> pa.Schema:
                       ("domain", pa.string()), ("text", pa.string())])
 
 
-def _merge(blocks: Any, budget: int, cap: int) -> tuple[pa.Table, dict[str, dict[str, int]]]:
+def _merge(blocks: Any, budget: int, cap: int, schema: pa.Schema | None = None
+           ) -> tuple[pa.Table, dict[str, dict[str, int]]]:
     """The driver's side of a pass: each block's prefixes merged into the global ones as they arrive
-    (never more than the prefixes held), and the ``total_*`` rows summed per group."""
+    (never more than the prefixes held), and the ``total_*`` rows summed per group. ``schema``: the
+    rows' (default :func:`_row_schema`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    schema = _row_schema()
+    schema = schema or _row_schema()
     kept = schema.empty_table()
     totals: dict[str, dict[str, int]] = {"total_source": {}, "total_cluster": {}}
     for batch in blocks.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -250,8 +252,7 @@ def blended_draws(uri: str, version: int | None, seeds: list[int], budget: int,
         ds = ray.data.read_datasource(rayread.files_source(files, rows, columns, BLOCK_ROWS, s3=s3))
         blocks = ds.map_batches(_blended_block, fn_kwargs={"seeds": list(seeds), "budget": budget},
                                 batch_format="pyarrow", batch_size=None)
-        for batch in blocks.iter_batches(batch_format="pyarrow", batch_size=None):
-            kept = cut(pa.concat_tables([kept, batch.select(schema.names).cast(schema)]), budget, 0)
+        kept, _ = _merge(blocks, budget, 0, schema)
     out = []
     for index in range(len(seeds)):
         t = kept.filter(pc.equal(kept.column("seed_index"), index)).sort_by("position")

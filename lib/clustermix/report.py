@@ -436,29 +436,28 @@ def _search(run: _Run) -> dict[str, Any]:
     if not {"iteration", "proxy_score"} <= names:
         return {"ran": True, "iterations": [], "note": "the mixtures table has no iteration/proxy_score columns"}
     # one row per proxy trained; the score is the proxy's loss on the target set: lower is better
-    rows = dt.to_pyarrow_table(columns=["iteration", "proxy_score"]).to_pylist()
+    rows = dt.to_pyarrow_table(columns=["iteration", "proxy_score",
+                                        *(["predicted_score"] if "predicted_score" in names else [])]).to_pylist()
     by_it: dict[int, list[float]] = {}
     for r in rows:
         if r["proxy_score"] is not None:
             by_it.setdefault(int(r["iteration"]), []).append(float(r["proxy_score"]))
     its = [{"iteration": i, "mixtures": len(s), "best": min(s), "mean": sum(s) / len(s)} for i, s in sorted(by_it.items())]
     return {"ran": True, "mixtures": len(rows), "iterations": its,
-            "best_score": min((i["best"] for i in its), default=None), "predictor": _predictor(dt, names)}
+            "best_score": min((i["best"] for i in its), default=None), "predictor": _predictor(rows)}
 
 
-def _predictor(dt: Any, names: set[str]) -> dict[str, Any]:
+def _predictor(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """How well the predictor ranked mixtures it had not been fitted on: every proxy after the first
     iteration was chosen by a predictor fitted on the iterations before it, so its predicted score is
     a held-out prediction. Spearman's rank correlation of predicted against trained score, over all
-    of them and per iteration (None with fewer than 3 or constant scores)."""
+    of them and per iteration (None with fewer than 3 or constant scores). ``rows``: the mixtures
+    table's (iteration, proxy_score and, when it has one, predicted_score)."""
     import numpy as np
 
     from clustermix.search.predictor import spearman
 
-    if "predicted_score" not in names:
-        return {"available": False}
-    rows = [r for r in dt.to_pyarrow_table(columns=["iteration", "predicted_score", "proxy_score"]).to_pylist()
-            if r["predicted_score"] is not None and r["proxy_score"] is not None]
+    rows = [r for r in rows if r.get("predicted_score") is not None and r["proxy_score"] is not None]
     if not rows:
         return {"available": False}
 
