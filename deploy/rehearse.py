@@ -197,6 +197,9 @@ def start_spark(procs: Processes, tmp: Path, env: dict[str, str]) -> str:
     env = {**env, "SPARK_HOME": str(spark_home), "SPARK_LOG_DIR": str(tmp / "spark-logs"),
            "SPARK_LOCAL_DIRS": str(tmp / "spark-local"), "SPARK_NO_DAEMONIZE": "1"}
     cls = str(spark_home / "bin" / "spark-class")
+    # made here, not by the workers: each worker runs `exists() || mkdirs()` on it at its first executor,
+    # and the one that loses that race caches "no local dir" and fails every executor it launches
+    (tmp / "spark-local").mkdir(parents=True, exist_ok=True)
     port, ui = free_port(), free_port()
     procs.start("spark-master", [cls, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                  "--port", str(port), "--webui-port", str(ui)], env)
@@ -244,14 +247,31 @@ def rehearsal_config(path: Path, lake: str, input_path: str, input_format: str, 
     return path
 
 
-def run(cmd: list[str], env: dict[str, str], commands: list[str], shown: str | None = None) -> None:
-    """Run one of the README's commands in the checkout; its output goes to this script's stderr."""
+def cluster_errors(logs: Path, limit: int = 20) -> str:
+    """The ERROR lines of the cluster daemons' logs (a failed submission's cause is often there, not in
+    the driver's output: an executor a worker could not launch, a node that died)."""
+    out = []
+    for path in sorted(logs.glob("*.log")):
+        with contextlib.suppress(OSError):
+            errors = [ln for ln in path.read_text(errors="replace").splitlines() if " ERROR " in ln or "Exception:" in ln]
+            if errors:
+                out.append(f"--- {path.name}: {len(errors)} error lines, the first {min(limit, len(errors))}:")
+                out.extend(errors[:limit])
+    return "\n".join(out) + "\n" if out else ""
+
+
+def run(cmd: list[str], env: dict[str, str], commands: list[str], shown: str | None = None,
+        logs: Path | None = None) -> None:
+    """Run one of the README's commands in the checkout; its output goes to this script's stderr, and
+    on failure the ERROR lines of the daemons' logs under ``logs`` follow it."""
     shown = shown or " ".join(cmd)
     commands.append(shown)
     log(f"$ {shown}")
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sys.stderr, stderr=sys.stderr, check=False)
     if proc.returncode != 0:
+        if logs is not None:
+            sys.stderr.write(cluster_errors(logs))
         raise SystemExit(f"rehearse: `{shown}` exited with {proc.returncode}")
     log(f"  done in {time.time() - t0:.0f} s")
 
@@ -308,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in cfgs:
             c = ["--config", str(cfg)]
             run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "ingest"}, commands,
-                f"STAGES=ingest deploy/spark-submit.sh --config {cfg}")
-            run(["bash", "deploy/ray-job.sh", *c], env, commands, f"deploy/ray-job.sh --config {cfg}")
+                f"STAGES=ingest deploy/spark-submit.sh --config {cfg}", procs.logs)
+            run(["bash", "deploy/ray-job.sh", *c], env, commands, f"deploy/ray-job.sh --config {cfg}", procs.logs)
             run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "stats sample blend"}, commands,
-                f'STAGES="stats sample blend" deploy/spark-submit.sh --config {cfg}')
+                f'STAGES="stats sample blend" deploy/spark-submit.sh --config {cfg}', procs.logs)
         cfg = cfgs[-1]
         if args.new_file:
             # the refresh drives both engines from one driver: Spark's, submitted like the Spark stages,
@@ -320,10 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             # executor fails with "'Worker' object has no attribute 'core_worker'")
             c = ["--config", str(cfg), "--set", f"ray.address={ray_info['address']}"]
             shown = f"STAGES=refresh deploy/spark-submit.sh --config {cfg} --set ray.address=<head>:<port>"
-            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands, shown)
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands, shown, procs.logs)
             shutil.copy(args.new_file, Path(args.input) / args.new_file.name)
             run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands,
-                shown + "   # one new input file")
+                shown + "   # one new input file", procs.logs)
     finally:
         started = [name for name, _ in procs.started]
         procs.stop()
