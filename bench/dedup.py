@@ -9,8 +9,9 @@ runs) on generated unit vectors in K clusters, a share of them near-copies (nois
 Recall: planted copies found (as a copy of a member of their own family) / planted copies.
 Precision: found that are planted copies of the family they were matched to / found.
 Throughput is documents per second per core (Spark local[N]: N cores; the walk: one process,
-FAISS on ``--threads`` threads). Peak memory: the driver's RSS (MinHash: the JVM is another
-process, reported as Spark's configured driver memory) and the walk's process.
+FAISS on ``--threads`` threads). Peak memory: MinHash's Spark JVM (sampled while the pass runs; its
+heap is capped by ``driver_memory``) and the Python driver's peak (the generated corpus included), and
+the walk's process.
 
     .venv/bin/python bench/dedup.py --docs 50000 --vectors 200000 --dim 128
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from common import peak_rss_mb, save
+from common import Peaks, peak_rss_mb, save
 
 BOILER = "Subscribe to our newsletter for daily updates. We use cookies to deliver our services. All rights reserved."
 
@@ -69,12 +70,16 @@ def bench_minhash(n: int, rate: float, cores: int, seed: int) -> dict[str, Any]:
     from clustermix import minhash
     from clustermix.config import build_config
     from clustermix.runtime import spark_session
+    from clustermix.tableio import persist_corpus
 
     rows, family = texts(n, rate, seed)
     tmp = Path(tempfile.mkdtemp(prefix="dedup-bench-"))
     cfg = build_config({"lake": {"root": str(tmp / "lake")}, "sample": {"budget": 1},
                         "spark": {"master": f"local[{cores}]", "shuffle_partitions": cores * 2, "driver_memory": "3g"}})
     spark = spark_session(cfg)
+    # as in a run: reliable checkpoints under the lake (the label-propagation rounds), corpus-sized
+    # frames persisted to disk
+    spark.conf.set(minhash.CHECKPOINT_DIR_CONF, str(tmp / "checkpoints"))
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,18 +87,23 @@ def bench_minhash(n: int, rate: float, cores: int, seed: int) -> dict[str, Any]:
     del rows
     from pyspark.sql import functions as F
 
+    peaks = Peaks()
+    peaks.start()
+    peaks.take()  # from here on: the MinHash pass only, not the generator or the session start
     t0 = time.perf_counter()
     docs = spark.read.parquet(str(tmp / "docs.parquet")).repartition(cores * 2)
-    sigs = minhash.signatures(docs, cfg.dedup.near).withColumn("key", F.col("id")).persist()
+    sigs = persist_corpus(minhash.signatures(docs, cfg.dedup.near).withColumn("key", F.col("id")))
     found = minhash.near_duplicates(sigs, cfg.dedup.near).collect()  # the result only: the copies found
     seconds = time.perf_counter() - t0
+    rss = peaks.take()
+    peaks.stop()
     spark.stop()
     good = sum(1 for r in found if fam_of(r["key"], family) == fam_of(r["kept_key"], family))
     return {"docs": n, "planted_rate": rate, "planted_copies": len(family), "found": len(found),
             "recall": round(good / max(len(family), 1), 4), "precision": round(good / max(len(found), 1), 4),
             "threshold": cfg.dedup.near.threshold, "seconds": round(seconds, 1), "cores": cores,
             "docs_per_s_per_core": round(n / seconds / cores, 1), "driver_memory": "3g (JVM heap cap)",
-            "python_peak_rss_mb": round(peak_rss_mb())}
+            "spark_jvm_peak_rss_mb": rss.get("spark-jvm"), "python_peak_rss_mb": round(peak_rss_mb())}
 
 
 def vectors(n: int, d: int, k: int, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
