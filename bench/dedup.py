@@ -102,7 +102,8 @@ def bench_minhash(n: int, rate: float, cores: int, seed: int) -> dict[str, Any]:
     return {"docs": n, "planted_rate": rate, "planted_copies": len(family), "found": len(found),
             "recall": round(good / max(len(family), 1), 4), "precision": round(good / max(len(found), 1), 4),
             "threshold": cfg.dedup.near.threshold, "seconds": round(seconds, 1), "cores": cores,
-            "docs_per_s_per_core": round(n / seconds / cores, 1), "driver_memory": "3g (JVM heap cap)",
+            "docs_per_s_per_core": round(n / seconds / cores, 1),
+            "driver_memory": f"{cfg.spark.driver_memory} (JVM heap cap)",
             "spark_jvm_peak_rss_mb": rss.get("spark-jvm"), "python_peak_rss_mb": round(peak_rss_mb())}
 
 

@@ -194,12 +194,13 @@ def start_spark(procs: Processes, tmp: Path, env: dict[str, str]) -> str:
     import pyspark
 
     spark_home = Path(pyspark.__file__).parent
-    env = {**env, "SPARK_HOME": str(spark_home), "SPARK_LOG_DIR": str(tmp / "spark-logs"),
-           "SPARK_LOCAL_DIRS": str(tmp / "spark-local"), "SPARK_NO_DAEMONIZE": "1"}
-    cls = str(spark_home / "bin" / "spark-class")
     # made here, not by the workers: each worker runs `exists() || mkdirs()` on it at its first executor,
     # and the one that loses that race caches "no local dir" and fails every executor it launches
-    (tmp / "spark-local").mkdir(parents=True, exist_ok=True)
+    local = tmp / "spark-local"
+    local.mkdir(parents=True, exist_ok=True)
+    env = {**env, "SPARK_HOME": str(spark_home), "SPARK_LOG_DIR": str(tmp / "spark-logs"),
+           "SPARK_LOCAL_DIRS": str(local), "SPARK_NO_DAEMONIZE": "1"}
+    cls = str(spark_home / "bin" / "spark-class")
     port, ui = free_port(), free_port()
     procs.start("spark-master", [cls, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                  "--port", str(port), "--webui-port", str(ui)], env)
@@ -260,8 +261,7 @@ def cluster_errors(logs: Path, limit: int = 20) -> str:
     return "\n".join(out) + "\n" if out else ""
 
 
-def run(cmd: list[str], env: dict[str, str], commands: list[str], shown: str | None = None,
-        logs: Path | None = None) -> None:
+def run(cmd: list[str], env: dict[str, str], commands: list[str], logs: Path, shown: str | None = None) -> None:
     """Run one of the README's commands in the checkout; its output goes to this script's stderr, and
     on failure the ERROR lines of the daemons' logs under ``logs`` follow it."""
     shown = shown or " ".join(cmd)
@@ -270,8 +270,7 @@ def run(cmd: list[str], env: dict[str, str], commands: list[str], shown: str | N
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sys.stderr, stderr=sys.stderr, check=False)
     if proc.returncode != 0:
-        if logs is not None:
-            sys.stderr.write(cluster_errors(logs))
+        sys.stderr.write(cluster_errors(logs))
         raise SystemExit(f"rehearse: `{shown}` exited with {proc.returncode}")
     log(f"  done in {time.time() - t0:.0f} s")
 
@@ -327,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         check_java_free(ray_info["dashboard"], env, commands)
         for cfg in cfgs:
             c = ["--config", str(cfg)]
-            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "ingest"}, commands,
-                f"STAGES=ingest deploy/spark-submit.sh --config {cfg}", procs.logs)
-            run(["bash", "deploy/ray-job.sh", *c], env, commands, f"deploy/ray-job.sh --config {cfg}", procs.logs)
-            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "stats sample blend"}, commands,
-                f'STAGES="stats sample blend" deploy/spark-submit.sh --config {cfg}', procs.logs)
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "ingest"}, commands, procs.logs,
+                f"STAGES=ingest deploy/spark-submit.sh --config {cfg}")
+            run(["bash", "deploy/ray-job.sh", *c], env, commands, procs.logs, f"deploy/ray-job.sh --config {cfg}")
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "stats sample blend"}, commands, procs.logs,
+                f'STAGES="stats sample blend" deploy/spark-submit.sh --config {cfg}')
         cfg = cfgs[-1]
         if args.new_file:
             # the refresh drives both engines from one driver: Spark's, submitted like the Spark stages,
@@ -340,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             # executor fails with "'Worker' object has no attribute 'core_worker'")
             c = ["--config", str(cfg), "--set", f"ray.address={ray_info['address']}"]
             shown = f"STAGES=refresh deploy/spark-submit.sh --config {cfg} --set ray.address=<head>:<port>"
-            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands, shown, procs.logs)
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands, procs.logs, shown)
             shutil.copy(args.new_file, Path(args.input) / args.new_file.name)
-            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands,
-                shown + "   # one new input file", procs.logs)
+            run(["bash", "deploy/spark-submit.sh", *c], {**env, "STAGES": "refresh"}, commands, procs.logs,
+                shown + "   # one new input file")
     finally:
         started = [name for name, _ in procs.started]
         procs.stop()
